@@ -1,1 +1,15 @@
-"""TRAM (Trust Region Aware Minimization) and the SAM family for sharded fine-tuning."""
+"""TRAM (Trust Region Aware Minimization, Sherborne et al., ICLR 2024) and the SAM family,
+as sharded optimizers for large-model fine-tuning."""
+from .divergence import Partial
+from .methods import METHODS, build_method
+from .optim import ASAM, SAM, TRAM, FisherSAM, NonFiniteAscentError, PerturbedOptimizer, TRAMFisher
+from .step import StepMetrics, TrainStep
+from .trust_region import EMAParams, NoisyInputs, PretrainedParams, PreviousParams
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TRAM", "SAM", "ASAM", "FisherSAM", "TRAMFisher", "PerturbedOptimizer", "NonFiniteAscentError",
+    "NoisyInputs", "PreviousParams", "PretrainedParams", "EMAParams", "Partial",
+    "TrainStep", "StepMetrics", "build_method", "METHODS",
+]

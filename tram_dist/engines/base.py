@@ -1,0 +1,96 @@
+"""What the TRAM math needs from a training engine, and nothing more.
+
+The optimizer core works on *slices*: the part of each parameter that this rank owns
+(the whole tensor without sharding, a shard under FSDP2, a partition fragment under ZeRO).
+An engine lists those slices and their reduced gradients, owns the data-parallel group for
+the one all-reduce TRAM adds per step, and knows how to make written slices visible to the
+next forward pass. The math never branches on the engine; an engine never knows the variant.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+@dataclass
+class Slice:
+    """This rank's part of one parameter.
+
+    param:  the working-precision view the next forward reads; perturbed in place.
+    grad:   the matching slice of the reduced gradient (same shape as ``param``); None when
+            the parameter got no gradient this step.
+    state:  per-slice buffers (``backup``, ``tr_target``); lives and shards with the slice.
+    master: higher-precision view of the same values (ZeRO's fp32 partition), read as theta
+            when present; None where ``param`` is itself the master.
+    """
+
+    param: Tensor
+    grad: Optional[Tensor]
+    state: Dict[str, Any]
+    master: Optional[Tensor] = None
+
+    @property
+    def theta(self) -> Tensor:
+        return self.master if self.master is not None else self.param
+
+
+@dataclass
+class SliceGroup:
+    """The slices of one optimizer param group, with that group's hyperparameters."""
+
+    options: Dict[str, Any]
+    slices: List[Slice] = field(default_factory=list)
+
+
+class Engine:
+    """Base engine: subclasses set the flags and implement ``slice_groups``."""
+
+    #: False where the base step itself rewrites the working params from an untouched
+    #: master (ZeRO), so the perturbation needs no backup.
+    needs_backup: bool = True
+    #: True where each rank holds only part of the gradient, so norm partials are summed.
+    grads_sharded: bool = False
+    #: The data-parallel process group (None: the default group when initialised).
+    dp_group = None
+
+    # --- what TRAM reads and writes --------------------------------------------------------
+    def slice_groups(self, with_grad_only: bool = True) -> List[SliceGroup]:
+        raise NotImplementedError
+
+    def publish(self) -> None:
+        """Make slices written since the last call visible to the next forward pass."""
+
+    def discard_grads(self) -> None:
+        """Drop pass-1 gradients so that pass 2 does not accumulate onto them."""
+        raise NotImplementedError
+
+    # --- distributed helpers ----------------------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size(self.dp_group)
+        return 1
+
+    def all_reduce_sum_(self, tensor: Tensor) -> Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.dp_group)
+        return tensor
+
+    # --- the passes ---------------------------------------------------------------------------
+    def backward(self, model, loss: Tensor, *, sync: bool = True) -> None:
+        """Backward for one micro-batch; ``sync=False`` defers the gradient reduction."""
+        ctx = model.no_sync() if (not sync and hasattr(model, "no_sync")) else contextlib.nullcontext()
+        with ctx:
+            loss.backward()
+
+    def clip_grad_norm_(self, max_norm: float) -> Tensor:
+        params = [s.param for g in self.slice_groups() for s in g.slices]
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def base_step(self, scaler=None) -> None:
+        raise NotImplementedError
