@@ -78,14 +78,19 @@ def kl(target_logits: Tensor, current_logits: Tensor, mask: Tensor, *, direction
     cur = current_logits.reshape(-1, current_logits.shape[-1])
     total = torch.zeros((), dtype=torch.float32, device=target_logits.device)
     for idx in _chunks(index, tgt.shape[-1], chunk_bytes):
-        log_p = F.log_softmax(tgt[idx].float(), dim=-1)
-        log_q = F.log_softmax(cur[idx].float(), dim=-1)
-        diff = log_p - log_q
-        if direction in ("forward", "symmetric"):
-            total += (log_p.exp() * diff).sum()
-        if direction in ("reverse", "symmetric"):
-            total -= (log_q.exp() * diff).sum()
-        del log_p, log_q, diff
+        # three float32 (chunk x vocab) blocks at most: log P, log Q, and their difference
+        p = F.log_softmax(tgt[idx].float(), dim=-1)
+        q = F.log_softmax(cur[idx].float(), dim=-1)
+        diff = p - q                  # log P - log Q
+        p.exp_()
+        q.exp_()
+        if direction == "forward":    # sum P (log P - log Q)
+            total += torch.dot(p.view(-1), diff.view(-1))
+        elif direction == "reverse":  # sum Q (log Q - log P)
+            total -= torch.dot(q.view(-1), diff.view(-1))
+        else:                         # KL(P||Q) + KL(Q||P) = sum (P - Q)(log P - log Q)
+            total += torch.dot(p.sub_(q).view(-1), diff.view(-1))
+        del p, q, diff
     return total, int(index.numel())
 
 
@@ -121,7 +126,7 @@ def mmd(target_logits: Tensor, current_logits: Tensor, mask: Tensor, *, scale: O
         return zero, n
     c = float(scale) if scale is not None else 2.0 * vocab
     blocks = list(_chunks(index, vocab, chunk_bytes // 4))
-    xx = yy = xy = zero.clone()
+    xx, yy, xy = zero.clone(), zero.clone(), zero.clone()
     for i in blocks:
         p_i = torch.softmax(tgt[i].float(), -1)
         q_i = torch.softmax(cur[i].float(), -1)

@@ -14,13 +14,19 @@ METHODS = ("adamw", "sam", "asam", "fsam", "tram-x", "tram-theta-prev", "tram-th
 def build_method(method: str, model, *, lr: float, betas=(0.9, 0.99), weight_decay: float = 0.0,
                  eps: float = 1e-8, sigma: float = 1e-5, nu: float = 1e-5, rho: Optional[float] = None,
                  eta: Optional[float] = None, noise: str = "normal", on_nonfinite: str = "skip",
-                 engine=None) -> Tuple[torch.optim.Optimizer, object]:
-    """Return ``(optimizer, trust_region)`` for one of ``METHODS``; AdamW is the base everywhere
-    (Section 4: "all training uses Adam as the inner optimizer")."""
+                 engine=None, base_optimizer=torch.optim.AdamW) -> Tuple[torch.optim.Optimizer, object]:
+    """Return ``(optimizer, trust_region)`` for one of ``METHODS``.
+
+    The base (inner) optimizer is AdamW by default, as in the paper (Section 4: "all training
+    uses Adam as the inner optimizer"); another optimizer class gets ``lr`` and
+    ``weight_decay`` only."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     params = model if isinstance(model, (list, tuple)) else [p for p in model.parameters() if p.requires_grad]
-    base = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps)
+    if base_optimizer in (torch.optim.AdamW, torch.optim.Adam):
+        base = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, eps=eps)
+    else:
+        base = dict(lr=lr, weight_decay=weight_decay)
     wrap = dict(on_nonfinite=on_nonfinite, engine=engine)
 
     def radius(default):
@@ -30,18 +36,18 @@ def build_method(method: str, model, *, lr: float, betas=(0.9, 0.99), weight_dec
         return 0.1 if eta is None else eta
 
     if method == "adamw":
-        return torch.optim.AdamW(params, **base), None
+        return base_optimizer(params, **base), None
     if method == "sam":
-        return SAM(params, torch.optim.AdamW, rho=radius(0.05), **wrap, **base), None
+        return SAM(params, base_optimizer, rho=radius(0.05), **wrap, **base), None
     if method == "asam":
-        return ASAM(params, torch.optim.AdamW, rho=radius(0.5), eta=0.01 if eta is None else eta,
+        return ASAM(params, base_optimizer, rho=radius(0.5), eta=0.01 if eta is None else eta,
                     **wrap, **base), None
     if method == "fsam":
-        return FisherSAM(params, torch.optim.AdamW, rho=radius(0.1), eta=fisher_eta(), **wrap, **base), None
+        return FisherSAM(params, base_optimizer, rho=radius(0.1), eta=fisher_eta(), **wrap, **base), None
     if method == "tram-fisher":
-        return (TRAMFisher(params, torch.optim.AdamW, rho=radius(0.1), eta=fisher_eta(), **wrap, **base),
+        return (TRAMFisher(params, base_optimizer, rho=radius(0.1), eta=fisher_eta(), **wrap, **base),
                 NoisyInputs(sigma, noise))
-    opt = TRAM(params, torch.optim.AdamW, nu=nu, **wrap, **base)
+    opt = TRAM(params, base_optimizer, nu=nu, **wrap, **base)
     if method == "tram-x":
         return opt, NoisyInputs(sigma, noise)
     if method == "tram-theta-prev":

@@ -332,6 +332,7 @@ class PerturbedOptimizer(Optimizer):
                         self.trust_region.end_of_step(sl)
         self._phase = "idle"
         self.step_count += 1
+        self._opt_called = True  # what LR schedulers check to know the optimizer has stepped
         if zero_grad:
             self.zero_grad(set_to_none=True)
         return total_norm
