@@ -138,13 +138,13 @@ class TrainStep:
         return inputs, torch.as_tensor(index).reshape(-1).cpu()
 
     @staticmethod
-    def _count(inputs: Dict[str, Tensor]) -> int:
+    def _count(inputs: Dict[str, Tensor]) -> Tensor:
         labels = inputs.get("labels")
         if labels is None:
             raise ValueError("each micro-batch needs 'labels' (use -100 for tokens without a label)")
         if labels.dim() >= 2:  # causal LM: position i predicts labels[i + 1]
-            return int((labels[:, 1:] != -100).sum())
-        return int((labels != -100).sum())
+            return (labels[:, 1:] != -100).sum()
+        return (labels != -100).sum()
 
     def _global_tokens(self, n_local: int) -> int:
         if self.engine.world_size == 1:
@@ -176,7 +176,7 @@ class TrainStep:
             inputs, index = self._split(mb, offset)
             offset += index.numel()
             parts.append((inputs, index))
-        counts = [self._count(inputs) for inputs, _ in parts]
+        counts = torch.stack([self._count(inputs) for inputs, _ in parts]).tolist()  # one sync
         n_local = sum(counts)
         n_global = self._global_tokens(n_local)
         if n_global == 0:
@@ -199,7 +199,7 @@ class TrainStep:
         for i, (inputs, _) in enumerate(parts):
             with self._autocast():
                 out = self.model(**inputs)
-            loss_sum += float(out.loss.detach()) * counts[i]
+            loss_sum = loss_sum + out.loss.detach().float() * counts[i]
             self._backward(out.loss, weights[i], sync=i == last)
             del out
         clip = None
@@ -218,7 +218,7 @@ class TrainStep:
             self.engine.base_step()
         opt.zero_grad(set_to_none=True)
         self._baseline_steps += 1
-        return StepMetrics(step=self._baseline_steps, loss=loss_sum / max(n_local, 1), perturbed_loss=None,
+        return StepMetrics(step=self._baseline_steps, loss=float(loss_sum) / max(n_local, 1), perturbed_loss=None,
                            divergence=None, grad_norm=None, eps_norm=None, ascent_skipped=False,
                            step_skipped=skipped, tokens=n_local, clip_norm=clip)
 
@@ -229,7 +229,7 @@ class TrainStep:
         noisy_pass1 = opt.pass1_at_noised_inputs
         noisy_target = opt.needs_divergence and isinstance(tr, NoisyInputs)
         param_target = opt.needs_divergence and isinstance(tr, ParamTarget)
-        d_sum = torch.zeros((), dtype=torch.float32)
+        d_sum = torch.zeros((), dtype=torch.float32, device=self.engine_device())
         kept_logits: List[Tensor] = []
         loss_sum = 0.0
 
@@ -239,7 +239,7 @@ class TrainStep:
                      if noisy_pass1 else contextlib.nullcontext())
             with self._autocast(), noise:
                 out = self.model(**inputs)
-            loss_sum += float(out.loss.detach()) * counts[i]
+            loss_sum = loss_sum + out.loss.detach().float() * counts[i]
             self._backward(out.loss, weights[i], sync=i == last)
             logits = out.logits.detach() if opt.needs_divergence else None
             del out
@@ -267,7 +267,7 @@ class TrainStep:
                 mask = token_mask(logits, inputs.get("labels"), inputs.get("attention_mask"),
                                   causal=self._is_causal(logits))
                 s, _ = self.divergence(target_logits, logits, mask)
-                d_sum = d_sum + s.float().cpu()
+                d_sum = d_sum + s.float().to(d_sum.device)
                 del target_logits
             kept_logits.clear()
 
@@ -282,7 +282,7 @@ class TrainStep:
         for i, (inputs, _) in enumerate(parts):
             with self._autocast():
                 out = self.model(**inputs)
-            loss2_sum += float(out.loss.detach()) * counts[i]
+            loss2_sum = loss2_sum + out.loss.detach().float() * counts[i]
             self._backward(out.loss, weights[i], sync=i == last)
             del out
 
@@ -303,15 +303,15 @@ class TrainStep:
         mask = token_mask(logits, inputs.get("labels"), inputs.get("attention_mask"),
                           causal=self._is_causal(logits))
         s, _ = self.divergence(target_logits, logits, mask)
-        return s.float().cpu()
+        return s.float()
 
     @staticmethod
     def _metrics(step, loss_sum, loss2_sum, n_local, ascent, *, step_skipped, clip=None) -> StepMetrics:
         ascent = ascent or {}
         n = max(n_local, 1)
         return StepMetrics(
-            step=step, loss=loss_sum / n,
-            perturbed_loss=None if loss2_sum is None else loss2_sum / n,
+            step=step, loss=float(loss_sum) / n,
+            perturbed_loss=None if loss2_sum is None else float(loss2_sum) / n,
             divergence=ascent.get("divergence"), grad_norm=ascent.get("grad_norm"),
             eps_norm=ascent.get("eps_norm"), ascent_skipped=bool(ascent.get("ascent_skipped", False)),
             step_skipped=step_skipped, tokens=n_local, clip_norm=clip)
