@@ -240,3 +240,17 @@ def test_restore_after_exception_between_passes():
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n])
     opt.restore()  # idempotent
+
+
+def test_restore_after_swap_touches_only_swapped_slices():
+    model = tiny_gpt2()
+    before = params_of(model)
+    opt = TRAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    opt.attach_trust_region(PreviousParams())
+    loss_of(model, lm_batch()).backward()
+    model.transformer.wpe.weight.grad = None  # trainable, but no gradient this step
+    opt.swap_in_target()
+    opt.restore()  # e.g. the target forward raised
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert "backup" not in opt.state[model.transformer.wpe.weight]

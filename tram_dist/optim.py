@@ -97,6 +97,7 @@ class PerturbedOptimizer(Optimizer):
         self.skipped_ascents = 0     # steps whose ascent was skipped (non-finite d or norm)
         self._warned_nonfinite = False
         self._phase = "idle"         # idle | swapped | perturbed | ascent_skipped
+        self._touched: List[SliceGroup] = []  # slices swapped or perturbed, until restored
         self.last_ascent: Dict[str, Any] = {}
 
     # ------------------------------------------------------------------ hyperparameters
@@ -140,7 +141,8 @@ class PerturbedOptimizer(Optimizer):
         if self.trust_region is None:
             raise RuntimeError("swap_in_target: no parameter trust region attached "
                                "(attach_trust_region(PreviousParams()) or PretrainedParams() first)")
-        for group in self.engine.slice_groups():
+        self._touched = self.engine.slice_groups()
+        for group in self._touched:
             params = [s.param for s in group.slices]
             targets = [s.state[TARGET] for s in group.slices]
             if self.engine.needs_backup:
@@ -240,6 +242,7 @@ class PerturbedOptimizer(Optimizer):
                     kernels.perturb_(params, grads, scale=scale, rule=self.rule, eta=eta,
                                      backups=[self._backup(s) for s in group.slices])
             metrics["eps_norm"] = eps_norm
+            self._touched = groups
             self._phase = "perturbed"
         if swapped:
             self._trust_region_update(groups)
@@ -264,6 +267,7 @@ class PerturbedOptimizer(Optimizer):
     def _skip_ascent(self, reason: str, swapped: bool, groups: List[SliceGroup]) -> None:
         if swapped:
             self._restore_groups(groups)
+            self._touched = []
         if self.on_nonfinite == "raise" and "zero gradient" not in reason:
             self._phase = "idle"
             raise NonFiniteAscentError(f"{type(self).__name__}: ascent not applied: {reason}. "
@@ -294,17 +298,10 @@ class PerturbedOptimizer(Optimizer):
 
         Safe to call in any phase; a no-op when nothing is perturbed.
         """
-        if self._phase in ("perturbed", "swapped"):
-            self._restore_groups(self.engine.slice_groups(with_grad_only=False)
-                                 if self._phase == "swapped" else self._all_backed_up())
+        if self._phase in ("perturbed", "swapped") and self._touched:
+            self._restore_groups(self._touched)
+        self._touched = []
         self._phase = "idle"
-
-    def _all_backed_up(self) -> List[SliceGroup]:
-        # after zero_grad the grads are gone: restore every slice that holds a backup
-        groups = self.engine.slice_groups(with_grad_only=False)
-        for g in groups:
-            g.slices = [s for s in g.slices if "backup" in s.state or not self.engine.needs_backup]
-        return groups
 
     def second_step(self, zero_grad: bool = True, *, scaler=None,
                     max_grad_norm: Optional[float] = None) -> Optional[Tensor]:
@@ -318,7 +315,8 @@ class PerturbedOptimizer(Optimizer):
             raise RuntimeError(f"second_step called while {self._phase}: call first_step first")
         with torch.no_grad():
             if self._phase == "perturbed" and self.engine.needs_backup:
-                self._restore_groups(self._all_backed_up())
+                self._restore_groups(self._touched)
+            self._touched = []
         total_norm = None
         if scaler is not None:
             scaler.unscale_(self.base)
