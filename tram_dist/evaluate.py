@@ -167,9 +167,20 @@ def _atomic_write(path: str | os.PathLike, text: str) -> None:
     os.replace(tmp, path)
 
 
+def json_safe(obj):
+    """NaN / inf -> None, recursively, so the file is strict JSON (e.g. ZS Avg. of no domain)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Mapping):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def write_eval_json(path: str | os.PathLike, summary: Mapping, **extra) -> None:
     """Write `summary` (plus any extra keys, e.g. method, step) as eval.json."""
-    _atomic_write(path, json.dumps({**summary, **extra}, indent=2, sort_keys=False) + "\n")
+    _atomic_write(path, json.dumps(json_safe({**summary, **extra}), indent=2) + "\n")
 
 
 def format_table(rows: Sequence[tuple[str, Mapping]], digits: int = 2) -> str:

@@ -187,8 +187,8 @@ class PerturbedOptimizer(Optimizer):
             thetas = self._thetas(group, swapped)
             grads = [s.grad for s in group.slices]
             eta = float(group.options.get("eta", 0.0))
-            sums[0] += kernels.sum_sq(thetas, grads, rule=self.rule, eta=eta, device=device)
-            sums[1] += _eps_sq(thetas, grads, self.rule, eta, device)
+            # one fused pass: [sum w g^2, sum (w g)^2] (the norm, and ||eps|| for the metrics)
+            sums += kernels.sum_sq(thetas, grads, rule=self.rule, eta=eta, device=device, with_eps_sq=True)
 
         # The one collective TRAM adds: sharded norm partials and/or a per-rank divergence.
         packed = []
@@ -480,22 +480,6 @@ def _check_base_kwargs(name: str, cls: type, kwargs: Dict[str, Any], own: Dict[s
     if unknown:
         raise ValueError(f"{name}: unknown option(s) {unknown}: not a {name} hyperparameter "
                          f"({sorted(own)}) nor an argument of {cls.__name__} ({accepted})")
-
-
-@torch.no_grad()
-def _eps_sq(thetas, grads, rule: str, eta: float, device) -> Tensor:
-    """sum of (w g)^2, for the reported ||eps|| (TODO: fuse into kernels.sum_sq's pass)."""
-    total = torch.zeros((), dtype=torch.float32, device=device)
-    for theta, g in zip(thetas, grads):
-        g32 = g.float()
-        if rule == "identity":
-            w = 1.0
-        elif rule == "adaptive":
-            w = (theta.float().abs() + eta) ** 2
-        else:
-            w = 1.0 / (1.0 + eta * g32 * g32)
-        total += ((w * g32) ** 2).sum()
-    return total
 
 
 def _device_of(groups: List[SliceGroup]):

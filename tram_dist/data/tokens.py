@@ -38,8 +38,9 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None):
         return AutoTokenizer.from_pretrained(str(name_or_path))
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"cannot load the tokenizer of {name_or_path!r} ({first}); pass a local "
-                        "model folder, or --model tiny for the offline model") from e
+        raise DataError(f"cannot load the tokenizer of {name_or_path!r} ({first}); offline: pass "
+                        "a local model folder (or set HF_HUB_OFFLINE=1 to use the hub cache), or "
+                        "--model tiny") from e
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -117,8 +118,8 @@ class TokenCache:
         return h.hexdigest()[:24]
 
     def paths(self, domain: str, split: str, key: str) -> tuple[Path, Path]:
-        stem = self.cache_dir / "tokens" / f"{domain}.{split}.{key}"
-        return stem.with_suffix(".bin"), stem.with_suffix(".json")
+        folder, stem = self.cache_dir / "tokens", f"{domain}.{split}.{key}"
+        return folder / f"{stem}.bin", folder / f"{stem}.json"
 
     def tokens(self, source: DataSource, domain: str, split: str) -> np.ndarray:
         """The split's token stream as a read-only memory map, tokenizing it on first use."""

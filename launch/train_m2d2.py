@@ -1,0 +1,710 @@
+"""Fine-tune a causal LM on one M2D2 domain with TRAM (or a baseline); report zero-shot perplexity.
+
+Single process (CPU or one GPU; the offline preset runs in a few minutes on a laptop CPU):
+    python launch/train_m2d2.py --config configs/tiny.yaml
+    python launch/train_m2d2.py --config configs/tiny.yaml --method sam --output-dir runs/tiny-sam
+    python launch/train_m2d2.py --config configs/tiny.yaml --max-steps 0   # zero-shot baseline row
+
+One node, N GPUs, DistributedDataParallel:
+    torchrun --nproc_per_node N launch/train_m2d2.py --config configs/gpt2_s2orc_math.yaml
+
+One node, N GPUs, DeepSpeed ZeRO-2 (also zero1.json, zero3.json, zero3_offload.json):
+    deepspeed --num_gpus N launch/train_m2d2.py --deepspeed configs/zero2.json \\
+        --config configs/gpt2_s2orc_math.yaml
+
+One node, N GPUs, FSDP2 (fully_shard):
+    torchrun --nproc_per_node N launch/train_m2d2.py --fsdp --config configs/gpt2_s2orc_math.yaml
+
+Two nodes (run on each node, R = 0 or 1, H:P = host and port of node 0; --output-dir and
+--cache-dir must be on a shared file system, or each node tokenizes into its own cache):
+    torchrun --nnodes 2 --node_rank R --nproc_per_node 8 --rdzv-backend c10d \\
+        --rdzv-endpoint H:P launch/train_m2d2.py --config configs/gpt2_s2orc_math.yaml
+
+The paper's GPT2-XL run (Table 9: 4 GPUs x 4 blocks x 1024 tokens, 100K steps):
+    deepspeed --num_gpus 4 launch/train_m2d2.py --config configs/gpt2xl_s2orc_math.yaml
+
+Offline M2D2 (no hub access): unpack the archives to DIR/{domain}/{train,valid,test}.txt and
+pass --data-dir DIR instead of --hub.
+
+--batch-size is GLOBAL (blocks per optimizer step); the per-device micro-batch and the
+accumulation steps follow from it and the world size (or from --micro-batch-size /
+--grad-accum). Flags override the --config preset. Output in --output-dir: metrics.jsonl
+(one line per step), evals.jsonl, eval.json / eval.md (the evaluation selected by the
+training domain's validation perplexity, as in the paper), config.yaml (the resolved run),
+checkpoint-*/ (every --save-interval steps, last --keep-checkpoints kept) and final/
+(save_pretrained, safetensors).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from tram_dist.data import (DataError, EvalLoader, TokenCache, TrainLoader, batch_layout,
+                            embedded_source, eval_blocks, load_tokenizer, resolve_source,
+                            train_blocks)
+from tram_dist.data.m2d2 import LocalSource
+from tram_dist.ds_config import DsConfigError, resolve_ds_config
+from tram_dist.evaluate import (eval_summary, evaluate_domains, evaluate_loss, json_safe,
+                                write_eval_json, write_eval_md)
+from tram_dist.methods import METHODS, build_method
+
+LR_END = 1e-7  # polynomial decay's final lr (Hugging Face's default for this schedule)
+LR_POWER = 1.0  # polynomial decay power (1 = linear decay, HF and fairseq default)
+TINY = dict(n_positions=256, n_embd=128, n_layer=4, n_head=4)  # --model tiny (~1M params)
+
+
+class UsageError(ValueError):
+    """A bad flag or preset; printed as one line, no traceback."""
+
+
+# ---------------------------------------------------------------------------------------------
+# options
+# ---------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--config", help="YAML run preset (configs/*.yaml); flags given here override it")
+    a("--model", default="tiny", help="'tiny' (offline GPT-2 config sized to the shipped "
+      "tokenizer, random init) or a Hugging Face name / local folder for from_pretrained")
+    a("--method", default="tram-theta-prev", choices=METHODS, help="training method")
+    a("--sigma", type=float, default=1e-5, help="input-noise std for tram-x / tram-fisher")
+    a("--method-arg", action="append", default=[], metavar="KEY=VALUE",
+      help="method option: rho, eta, nu, noise (normal|uniform), divergence (kl, "
+      "kl-reverse, kl-symmetric, l2, mmd); repeatable")
+    a("--data-dir", help="local M2D2-layout folder {domain}/{train,valid,test}.txt")
+    a("--hub", action="store_true", default=False, help="download machelreid/m2d2 from the hub")
+    a("--cache-dir", help="token cache and extracted archives (default $TRAM_DIST_CACHE or "
+      "~/.cache/tram_dist)")
+    a("--train-domain", help="domain to fine-tune on (default with the embedded corpus: math)")
+    a("--eval-domains", nargs="+", help="domains to evaluate (the training domain is added "
+      "first if missing); default: every domain of the embedded corpus / --data-dir")
+    a("--eval-split", default="test", choices=("valid", "test"), help="split for the table")
+    a("--batch-size", type=int, default=16, help="GLOBAL blocks per optimizer step")
+    a("--micro-batch-size", type=int, help="blocks per device per forward (default: derived)")
+    a("--grad-accum", type=int, help="micro-batches per optimizer step (default: derived)")
+    a("--eval-batch-size", type=int, default=8, help="blocks per device per evaluation forward")
+    a("--block-size", type=int, help="tokens per block (default: the model's context)")
+    a("--lr", type=float, default=2e-5, help="peak learning rate")
+    a("--betas", type=float, nargs=2, default=(0.9, 0.99), help="Adam betas")
+    a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    a("--max-grad-norm", type=float, default=None, help="clip the descent gradient (default off)")
+    a("--warmup-steps", type=int, default=0, help="linear warmup steps")
+    a("--max-steps", type=int, default=1000, help="optimizer steps (0: evaluate only)")
+    a("--seed", type=int, default=0, help="model init, batch order and input noise")
+    a("--output-dir", default="runs/m2d2", help="where metrics, evals, checkpoints go")
+    a("--eval-interval", type=int, default=0, help="evaluate every N steps (0: only at the end)")
+    a("--save-interval", type=int, default=0, help="checkpoint every N steps (0: never)")
+    a("--keep-checkpoints", type=int, default=2, help="checkpoints kept (the newest)")
+    a("--resume", nargs="?", const="latest", help="resume from a checkpoint folder, or the "
+      "latest one in --output-dir when given without a value")
+    a("--deepspeed", metavar="FILE", help="DeepSpeed config (configs/zero*.json)")
+    a("--fsdp", action="store_true", default=False, help="shard with FSDP2 (fully_shard)")
+    a("--bf16", action="store_true", default=False, help="bf16 autocast for the passes")
+    a("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
+    return p
+
+
+def _yaml_path(value: str, base: Path) -> str:
+    """Relative paths in a preset: from the current folder, else from the preset's repo root."""
+    if os.path.isabs(value) or os.path.exists(value):
+        return value
+    for root in (base, base.parent):
+        if (root / value).exists():
+            return str(root / value)
+    return value
+
+
+def _coerce(action: argparse.Action, value, where: str):
+    """A preset value checked like the flag would be (argparse leaves defaults unchecked)."""
+    if value is None:
+        return None
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise UsageError(f"{where} must be true or false, not {value!r}")
+        return value
+    many = action.nargs in ("+", "*") or isinstance(action.nargs, int) or isinstance(action, argparse._AppendAction)
+    items = value if isinstance(value, (list, tuple)) else [value]
+    if not many and isinstance(value, (list, tuple)):
+        raise UsageError(f"{where} takes one value, not a list")
+    if isinstance(action.nargs, int) and len(items) != action.nargs:
+        raise UsageError(f"{where} takes {action.nargs} values")
+    out = []
+    for item in items:
+        if action.type is not None and not isinstance(item, bool):
+            if action.type is int and isinstance(item, float) and not item.is_integer():
+                raise UsageError(f"{where}: {item!r} is not a whole number")
+            try:  # also turns the strings PyYAML makes of 2e-5 (no dot) into floats
+                item = action.type(item)
+            except (TypeError, ValueError):
+                raise UsageError(f"{where}: {item!r} is not a valid {action.type.__name__}") from None
+        elif action.type is None and not isinstance(item, str):
+            item = str(item)
+        if action.choices is not None and item not in action.choices:
+            raise UsageError(f"{where}: {item!r} is not one of {', '.join(map(str, action.choices))}")
+        out.append(item)
+    return out if many else out[0]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    first, _ = parser.parse_known_args(argv)
+    if first.config:
+        path = Path(first.config)
+        if not path.is_file():
+            raise UsageError(f"--config {path} does not exist; pass a file such as configs/tiny.yaml")
+        import yaml
+
+        try:
+            preset = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UsageError(f"--config {path} is not valid YAML ({str(e).splitlines()[0]})") from e
+        if not isinstance(preset, dict):
+            raise UsageError(f"--config {path} must be a mapping of option: value")
+        actions = {a.dest: a for a in parser._actions}
+        clean = {}
+        for key, value in preset.items():
+            dest = str(key).replace("-", "_")
+            if dest not in actions or dest in ("config", "help", "local_rank"):
+                raise UsageError(f"--config {path}: unknown option {key!r}; options are the "
+                                 "flags of launch/train_m2d2.py with '_' for '-'")
+            value = _coerce(actions[dest], value, f"--config {path}: {key}")
+            if dest in ("deepspeed", "data_dir") and isinstance(value, str):
+                value = _yaml_path(value, path.parent)
+            clean[dest] = value
+        parser.set_defaults(**clean)
+        args = parser.parse_args(argv)
+        args.preset_keys = sorted(clean)
+        return args
+    args = parser.parse_args(argv)
+    args.preset_keys = []
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# distributed setup
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """torch.distributed from the torchrun / deepspeed launcher environment: nccl on CUDA,
+    gloo on CPU. A plain `python` start is a world of one without a process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        # Long timeout: rank 0 tokenizes a domain once (1B tokens: tens of minutes) while the
+        # other ranks wait in a collective.
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=2))
+    if dist.is_initialized():
+        return Dist(dist.get_rank(), dist.get_world_size(), local, device)
+    return Dist(device=device)
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# model
+# ---------------------------------------------------------------------------------------------
+def model_config(name: str, tokenizer):
+    """The model's config (cheap: no weights), used to validate --block-size before loading."""
+    from transformers import AutoConfig, GPT2Config
+
+    if name == "tiny":
+        eos = tokenizer.eos_token_id
+        return GPT2Config(vocab_size=len(tokenizer), bos_token_id=eos, eos_token_id=eos, **TINY)
+    try:
+        return AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load the config of --model {name!r} ({_first_line(e)}); offline: "
+                         "pass a local model folder (or set HF_HUB_OFFLINE=1 to use the hub "
+                         "cache), or --model tiny") from e
+
+
+def context_length(config) -> int | None:
+    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def build_model(name: str, config, seed: int):
+    from transformers import AutoModelForCausalLM, GPT2LMHeadModel
+
+    torch.manual_seed(seed)  # identical init on every rank (DDP also broadcasts it)
+    if name == "tiny":
+        return GPT2LMHeadModel(config)
+    try:
+        return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot load --model {name!r} ({_first_line(e)}); offline: pass a local "
+                         "model folder (or set HF_HUB_OFFLINE=1 to use the hub cache), or "
+                         "--model tiny") from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# engines: the only engine-specific code of the launcher
+# ---------------------------------------------------------------------------------------------
+class LocalRun:
+    """Single process or DDP: whole parameters on every rank, rank 0 writes checkpoints.
+
+    The same interface is expected from ``tram_dist.engines.build_engine`` for FSDP2 and
+    DeepSpeed: .model (called for forward), .eval_model, .module (the Hugging Face model),
+    .optimizer, .step (a TrainStep), save_checkpoint(dir, client_state),
+    load_checkpoint(dir) -> client_state, save_final(dir, tokenizer).
+    """
+
+    def __init__(self, kind: str, module, d: Dist, args, method_kwargs: dict):
+        from tram_dist.step import TrainStep
+
+        self.kind, self.module, self.dist = kind, module.to(d.device), d
+        self.model = self.module
+        if kind == "ddp":
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.model = DDP(self.module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+        self.eval_model = self.module  # no-grad forwards need no DDP hooks
+        kwargs = dict(method_kwargs)
+        divergence = kwargs.pop("divergence", "kl")  # a TrainStep option, the rest build_method's
+        self.optimizer, self.trust_region = build_method(
+            args.method, self.module, lr=args.lr, betas=tuple(args.betas),
+            weight_decay=args.weight_decay, sigma=args.sigma, **kwargs)
+        self.step = TrainStep(self.model, self.optimizer, trust_region=self.trust_region,
+                              divergence=divergence,
+                              autocast_dtype=torch.bfloat16 if args.bf16 else None,
+                              max_grad_norm=args.max_grad_norm, seed=args.seed)
+
+    def save_checkpoint(self, path: Path, client_state: dict) -> None:
+        if self.dist.main:
+            torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                        "client": client_state}, path / "state.pt")
+
+    def load_checkpoint(self, path: Path) -> dict:
+        state = torch.load(path / "state.pt", map_location=self.dist.device, weights_only=False)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        return state["client"]
+
+    def save_final(self, path: Path, tokenizer) -> None:
+        if self.dist.main:
+            self.module.save_pretrained(path, safe_serialization=True)
+            tokenizer.save_pretrained(path)
+
+
+def sharded_builder(kind: str):
+    """tram_dist.engines.build_engine, the FSDP2 / DeepSpeed counterpart of LocalRun."""
+    try:
+        from tram_dist.engines import build_engine as build_sharded
+    except ImportError as e:
+        raise UsageError(f"--{kind} needs tram_dist.engines.build_engine, which this version "
+                         "lacks; run single-process or with torchrun (DDP)") from e
+    return build_sharded
+
+
+def build_engine(kind: str, module, d: Dist, args, method_kwargs: dict, ds_config: dict | None):
+    """single / ddp here; fsdp / deepspeed from tram_dist.engines (same interface as LocalRun)."""
+    if kind in ("single", "ddp"):
+        return LocalRun(kind, module, d, args, method_kwargs)
+    return sharded_builder(kind)(kind, module, dist=d, args=args, method_kwargs=method_kwargs,
+                                 ds_config=ds_config)
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------------------------
+CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoints(out: Path) -> list[Path]:
+    found = [(int(m.group(1)), p) for p in out.glob("checkpoint-*") if (m := CKPT.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def save_checkpoint(run, out: Path, step: int, client_state: dict, d: Dist, keep: int) -> Path:
+    """All ranks call. Written under a temporary name, renamed when complete, oldest pruned."""
+    final = out / f"checkpoint-{step:08d}"
+    tmp = out / f".checkpoint-{step:08d}.tmp"
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    run.save_checkpoint(tmp, client_state)
+    torch.save(_rng_state(), tmp / f"rng_rank{d.rank}.pt")
+    barrier()
+    if d.main:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in checkpoints(out)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def find_resume(resume: str, out: Path) -> Path:
+    if resume == "latest":
+        found = checkpoints(out)
+        if not found:
+            raise UsageError(f"--resume: no checkpoint-* folder in {out}; drop --resume to start "
+                             "fresh or pass a checkpoint folder")
+        return found[-1]
+    path = Path(resume)
+    if not path.is_dir():
+        raise UsageError(f"--resume {path} is not a checkpoint folder; pass checkpoint-N or "
+                         "--resume alone for the latest one in --output-dir")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# reporting
+# ---------------------------------------------------------------------------------------------
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory allocated by this process, or on CPU its peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def global_losses(metrics, device) -> tuple[float, float | None]:
+    """Token-weighted mean of the per-rank losses (the step reports this rank's tokens)."""
+    loss2 = metrics.perturbed_loss
+    t = torch.tensor([metrics.loss * metrics.tokens, (loss2 or 0.0) * metrics.tokens,
+                      float(metrics.tokens)], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    n = max(float(t[2]), 1.0)
+    return float(t[0]) / n, (float(t[1]) / n if loss2 is not None else None)
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.2f}" if math.isfinite(v) else str(v)
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    """Everything validated before the first step."""
+
+    args: Any
+    kind: str
+    tokenizer: Any
+    source: Any
+    config: Any
+    block_size: int
+    micro: int
+    accum: int
+    eval_domains: list
+    method_kwargs: dict
+    ds_config: dict | None
+    resume: Path | None
+
+
+def _method_kwargs(pairs: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise UsageError(f"--method-arg {pair!r} must be KEY=VALUE, e.g. --method-arg rho=0.05")
+        key, value = pair.split("=", 1)
+        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    unknown = set(out) - {"rho", "eta", "nu", "noise", "eps", "on_nonfinite", "divergence"}
+    if unknown:
+        raise UsageError(f"--method-arg {sorted(unknown)[0]} is not a method option; use rho, "
+                         "eta, nu, noise, eps, on_nonfinite or divergence")
+    return out
+
+
+def plan(args, d: Dist) -> Plan:
+    """Check every input (flags, data, model config, batch layout, DeepSpeed preset)."""
+    if args.deepspeed and args.fsdp:
+        raise UsageError("--deepspeed and --fsdp both given; pick one engine")
+    kind = "deepspeed" if args.deepspeed else "fsdp" if args.fsdp else "ddp" if d.world_size > 1 else "single"
+    for name in ("max_steps", "warmup_steps", "eval_interval", "save_interval", "keep_checkpoints"):
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 0")
+    if not args.lr > 0:
+        raise UsageError(f"--lr {args.lr} must be > 0")
+    if args.max_grad_norm is not None and not args.max_grad_norm > 0:
+        raise UsageError(f"--max-grad-norm {args.max_grad_norm} must be > 0 (omit it to disable)")
+    if args.method in ("tram-x", "tram-fisher") and not args.sigma > 0:
+        raise UsageError(f"--sigma {args.sigma} must be > 0 for {args.method}")
+    if args.eval_batch_size < 1:
+        raise UsageError(f"--eval-batch-size {args.eval_batch_size} must be >= 1")
+    method_kwargs = _method_kwargs(args.method_arg)
+
+    if args.data_dir and args.hub and "hub" in args.preset_keys and "data_dir" not in args.preset_keys:
+        args.hub = False  # --data-dir on the command line replaces the preset's hub download
+    source = resolve_source(args.data_dir, args.hub, args.cache_dir)
+    train_domain = args.train_domain
+    if train_domain is None:
+        if source.name != embedded_source().name:
+            raise UsageError("--train-domain is required with --data-dir / --hub (e.g. math_l1 "
+                             "or Society_and_social_sciences)")
+        train_domain = json.loads((source.root / "manifest.json").read_text())["train_domain"]
+    args.train_domain = train_domain
+    if args.eval_domains:
+        domains = [train_domain] + [x for x in args.eval_domains if x != train_domain]
+    elif isinstance(source, LocalSource):
+        domains = [train_domain] + [x for x in source.domains() if x != train_domain]
+    else:
+        raise UsageError("--eval-domains is required with --hub (Table 3 lists the 10 zero-shot "
+                         "domains; see configs/gpt2_*.yaml)")
+    if len(set(domains)) != len(domains):
+        raise UsageError(f"--eval-domains lists a domain twice: {' '.join(domains)}")
+    if isinstance(source, LocalSource):  # cheap checks on every rank; the hub is checked on load
+        source.check(train_domain, ("train", "valid") if args.max_steps else ("valid",))
+        for dom in domains:
+            source.check(dom, (args.eval_split,))
+
+    tokenizer = load_tokenizer(None if args.model == "tiny" else args.model)
+    config = model_config(args.model, tokenizer)
+    context = context_length(config)
+    block = args.block_size or context
+    if block is None:
+        raise UsageError(f"--model {args.model} does not state its context length; pass --block-size")
+    if context is not None and block > context:
+        raise UsageError(f"--block-size {block} exceeds the context of --model {args.model} "
+                         f"({context} tokens); use --block-size {context} or less")
+    if block < 2:
+        raise UsageError(f"--block-size {block} must be at least 2")
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise UsageError(f"the tokenizer has {len(tokenizer)} tokens but --model {args.model} "
+                         f"only {vocab} embeddings; use the model's own tokenizer")
+    micro, accum = batch_layout(args.batch_size, d.world_size, args.micro_batch_size, args.grad_accum)
+
+    ds_config = None
+    if args.deepspeed:
+        ds_config = resolve_ds_config(
+            args.deepspeed, global_batch_size=args.batch_size, micro_batch_size=micro,
+            grad_accum=accum, world_size=d.world_size, lr=args.lr, betas=tuple(args.betas),
+            eps=method_kwargs.get("eps", 1e-8), weight_decay=args.weight_decay,
+            max_grad_norm=args.max_grad_norm, bf16=args.bf16,
+            hidden_size=getattr(config, "hidden_size", None))
+    resume = find_resume(args.resume, Path(args.output_dir)) if args.resume else None
+    if kind in ("fsdp", "deepspeed"):
+        sharded_builder(kind)  # fail now, not after tokenization
+    return Plan(args, kind, tokenizer, source, config, block, micro, accum, domains,
+                method_kwargs, ds_config, resume)
+
+
+def write_resolved_config(p: Plan, d: Dist, out: Path) -> None:
+    import yaml
+
+    resolved = {k: v for k, v in vars(p.args).items()
+                if k not in ("local_rank", "config", "preset_keys")}
+    resolved["betas"] = list(resolved["betas"])
+    resolved.update(block_size=p.block_size, micro_batch_size=p.micro, grad_accum=p.accum,
+                    eval_domains=p.eval_domains)
+    derived = {"preset": p.args.config, "engine": p.kind, "world_size": d.world_size,
+               "source": p.source.name, "tokens_per_step": p.args.batch_size * p.block_size}
+    text = ("# Resolved run (flags over preset over defaults); derived values under _derived.\n"
+            + yaml.safe_dump({**resolved, "_derived": derived}, sort_keys=False))
+    (out / "config.yaml").write_text(text)
+    if p.ds_config is not None:
+        (out / "ds_config.json").write_text(json.dumps(p.ds_config, indent=2) + "\n")
+
+
+def train(p: Plan, d: Dist) -> dict:
+    from tqdm import tqdm
+
+    args = p.args
+    out = Path(args.output_dir)
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_resolved_config(p, d, out)
+    barrier()
+
+    cache = TokenCache(p.tokenizer, args.cache_dir)
+    loader = None
+    if args.max_steps:
+        loader = TrainLoader(train_blocks(p.source, cache, args.train_domain, p.block_size),
+                             args.batch_size, p.micro, p.accum, seed=args.seed,
+                             rank=d.rank, world_size=d.world_size)
+    valid = EvalLoader(eval_blocks(p.source, cache, args.train_domain, "valid", p.block_size),
+                       args.eval_batch_size, d.rank, d.world_size)
+    tests = {dom: EvalLoader(eval_blocks(p.source, cache, dom, args.eval_split, p.block_size),
+                             args.eval_batch_size, d.rank, d.world_size) for dom in p.eval_domains}
+
+    module = build_model(args.model, p.config, args.seed)
+    try:
+        run = build_engine(p.kind, module, d, args, p.method_kwargs, p.ds_config)
+    except (ValueError, TypeError) as e:  # bad method options, checked by build_method / TrainStep
+        if isinstance(e, (DataError, DsConfigError, UsageError)):
+            raise
+        raise UsageError(f"--method {args.method}: {_first_line(e)}") from e
+    scheduler = None
+    if args.max_steps:
+        from transformers import get_polynomial_decay_schedule_with_warmup
+
+        scheduler = get_polynomial_decay_schedule_with_warmup(
+            run.optimizer, args.warmup_steps, args.max_steps, lr_end=min(LR_END, args.lr / 10),
+            power=LR_POWER)
+    torch.manual_seed(args.seed + d.rank)  # dropout streams differ per rank
+
+    step, history = 0, []
+    if p.resume is not None:
+        client = run.load_checkpoint(p.resume)
+        if client.get("method") != args.method:
+            raise UsageError(f"--resume {p.resume} was written by --method {client.get('method')}, "
+                             f"not {args.method}; resume with the same method")
+        step, history = int(client["step"]), list(client.get("history", []))
+        if loader is not None:
+            loader.load_state_dict(client["data"])
+        if scheduler is not None and client.get("scheduler"):
+            scheduler.load_state_dict(client["scheduler"])
+        rng = p.resume / f"rng_rank{d.rank}.pt"
+        if rng.is_file():
+            state = torch.load(rng, weights_only=False)
+            torch.set_rng_state(state["torch"])
+            if "cuda" in state and torch.cuda.is_available():
+                torch.cuda.set_rng_state(state["cuda"])
+
+    autocast = torch.bfloat16 if args.bf16 else None
+
+    def evaluate(at_step: int) -> dict:
+        v = evaluate_loss(run.eval_model, valid, device=d.device, autocast_dtype=autocast)
+        ppl = evaluate_domains(run.eval_model, tests, device=d.device, autocast_dtype=autocast)
+        record = {"step": at_step, "valid_ppl": v.ppl, **eval_summary(ppl, args.train_domain)}
+        if d.main:
+            with open(out / "evals.jsonl", "a") as f:
+                f.write(json.dumps(json_safe(record)) + "\n")
+            doms = ", ".join(f"{k} {_fmt(x)}" for k, x in ppl.items())
+            tqdm.write(f"eval step {at_step}: {args.train_domain} valid ppl {_fmt(v.ppl)} | "
+                       f"{args.eval_split}: {doms} | ZS Avg {_fmt(record['zs_avg'])}")
+        return record
+
+    tokens_per_step = args.batch_size * p.block_size
+    bar = tqdm(total=args.max_steps, initial=step, disable=not d.main, dynamic_ncols=True,
+               mininterval=1.0, desc=f"{args.method}")
+    metrics_file = open(out / "metrics.jsonl", "a") if d.main else contextlib.nullcontext()
+    with metrics_file as mf:
+        while step < args.max_steps:
+            epoch = loader.position.epoch
+            batches = [{k: (v if k == "sample_index" else v.to(d.device, non_blocking=True))
+                        for k, v in mb.items()} for mb in loader.next()]
+            if d.device.type == "cuda":
+                torch.cuda.synchronize(d.device)
+            t0 = time.perf_counter()
+            m = run.step(batches)
+            lr = run.optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            loss, loss2 = global_losses(m, d.device)  # also waits for the step to finish
+            dt = time.perf_counter() - t0
+            step += 1
+            if d.main:
+                rec = {"step": step, "epoch": epoch, "loss": loss, "perturbed_loss": loss2,
+                       "divergence": m.divergence, "grad_norm": m.grad_norm, "eps_norm": m.eps_norm,
+                       "clip_norm": m.clip_norm, "ascent_skipped": m.ascent_skipped,
+                       "step_skipped": m.step_skipped, "lr": lr,
+                       "tokens_per_s": tokens_per_step / dt, "step_time_s": dt,
+                       "peak_mem_mb": peak_memory_mb(d.device)}
+                mf.write(json.dumps(json_safe(rec)) + "\n")
+                mf.flush()
+                post = {"loss": f"{loss:.3f}", "ppl": f"{math.exp(min(loss, 50)):.1f}",
+                        "tok/s": f"{tokens_per_step / dt:.0f}"}
+                if m.divergence is not None:
+                    post["d"] = f"{m.divergence:.2e}"
+                bar.set_postfix(post, refresh=False)
+                bar.update(1)
+            if args.eval_interval and step % args.eval_interval == 0 and step < args.max_steps:
+                history.append(evaluate(step))
+            if args.save_interval and step % args.save_interval == 0:
+                client = {"step": step, "method": args.method, "data": loader.state_dict(),
+                          "scheduler": scheduler.state_dict(), "history": history}
+                save_checkpoint(run, out, step, client, d, args.keep_checkpoints)
+    bar.close()
+
+    if not history or history[-1]["step"] != step:
+        history.append(evaluate(step))
+    # Model selection as in the paper: the evaluation with the best training-domain valid ppl.
+    best = min(history, key=lambda r: (r["valid_ppl"] if math.isfinite(r["valid_ppl"]) else math.inf))
+    name = args.method if args.max_steps else "zero-shot"
+    summary = {k: best[k] for k in ("train_domain", "domains", "in_domain_ppl", "zs_avg")}
+    if d.main:
+        write_eval_json(out / "eval.json", summary, method=name, model=args.model, step=best["step"],
+                        valid_ppl=best["valid_ppl"], split=args.eval_split,
+                        selected_by="lowest training-domain validation perplexity")
+        write_eval_md(out / "eval.md", [(name, summary)],
+                      title=f"{args.model} on {args.train_domain}: {args.eval_split} perplexity")
+    final, tmp = out / "final", out / ".final.tmp"
+    if d.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    run.save_final(tmp, p.tokenizer)
+    barrier()
+    if d.main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        tqdm.write(f"done: {out}/eval.json (step {best['step']}, {args.train_domain} "
+                   f"{_fmt(summary['in_domain_ppl'])}, ZS Avg {_fmt(summary['zs_avg'])})")
+    return summary
+
+
+def main(argv=None) -> int:
+    d = Dist()
+    try:
+        args = parse_args(argv)
+        d = init_distributed()
+        p = plan(args, d)
+        train(p, d)
+    except (DataError, DsConfigError, UsageError) as e:
+        if d.main:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Bad input fails before training with one line `error: ...` and exit code 2, no traceback."""
+import importlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+import huggingface_hub
+from huggingface_hub.errors import LocalEntryNotFoundError
+
+ROOT = Path(__file__).resolve().parents[2]
+spec = importlib.util.spec_from_file_location("train_m2d2", ROOT / "launch" / "train_m2d2.py")
+train_m2d2 = importlib.util.module_from_spec(spec)
+sys.modules["train_m2d2"] = train_m2d2  # dataclasses look their module up by name
+spec.loader.exec_module(train_m2d2)
+
+
+def fails(argv, capsys, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        train_m2d2.main([*argv, "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    assert not (out / "metrics.jsonl").exists()
+    return err
+
+
+def m2d2(root, splits=("train", "valid", "test")):
+    (root / "alpha").mkdir(parents=True)
+    for s in splits:
+        (root / "alpha" / f"{s}.txt").write_text("alpha text\n")
+    return root
+
+
+@pytest.mark.parametrize("argv,expect", [
+    (["--train-domain", "nope"], "unknown domain 'nope' in the embedded corpus; available: art, biology"),
+    (["--eval-domains", "math", "poetry"], "unknown domain 'poetry'"),
+    (["--data-dir", "/nonexistent/m2d2", "--train-domain", "x"], "data folder /nonexistent/m2d2 does not exist"),
+    # --data-dir on the command line replaces a preset's `hub: true`
+    (["--config", str(ROOT / "configs" / "gpt2_s2orc_math.yaml"), "--data-dir", "/nonexistent/m2d2"],
+     "data folder /nonexistent/m2d2 does not exist"),
+    (["--batch-size", "10", "--micro-batch-size", "4"], "not divisible by world size 1 x micro-batch 4"),
+    (["--block-size", "512"], "--block-size 512 exceeds the context of --model tiny (256 tokens)"),
+    (["--deepspeed", "x.json", "--fsdp"], "--deepspeed and --fsdp both given"),
+    (["--deepspeed", "/nonexistent.json"], "DeepSpeed config /nonexistent.json does not exist"),
+    (["--resume"], "no checkpoint-* folder"),
+    (["--method-arg", "rho"], "must be KEY=VALUE"),
+    (["--lr", "0"], "--lr 0.0 must be > 0"),
+    (["--method", "sam", "--method-arg", "rho=-1", "--max-steps", "0"], "--method sam: SAM: rho must be"),
+    (["--model", "/nonexistent/model"], "cannot load"),
+])
+def test_bad_flags(argv, expect, capsys, tmp_path):
+    assert expect in fails(argv, capsys, tmp_path)
+
+
+def test_missing_split_file(capsys, tmp_path):
+    root = m2d2(tmp_path / "data", splits=("train", "valid"))
+    err = fails(["--data-dir", str(root), "--train-domain", "alpha"], capsys, tmp_path)
+    assert "missing split file" in err and "test.txt" in err
+
+
+def test_deepspeed_preset_contradicting_the_run(capsys, tmp_path):
+    cfg = tmp_path / "ds.json"
+    cfg.write_text(json.dumps({"train_batch_size": 32, "zero_optimization": {"stage": 2}}))
+    err = fails(["--deepspeed", str(cfg), "--batch-size", "16"], capsys, tmp_path)
+    assert "train_batch_size is 32 but the run has --batch-size=16" in err
+
+
+def test_sharded_engine_missing_or_present(capsys, tmp_path):
+    if not hasattr(importlib.import_module("tram_dist.engines"), "build_engine"):
+        assert "needs tram_dist.engines.build_engine" in fails(["--fsdp"], capsys, tmp_path)
+
+
+def test_hub_offline(capsys, tmp_path, monkeypatch):
+    def offline(**kw):
+        raise LocalEntryNotFoundError("no connection")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    err = fails(["--hub", "--train-domain", "math_l1", "--eval-domains", "math_l1", "Art"], capsys, tmp_path)
+    assert "offline" in err and "--data-dir" in err
+
+
+def test_bad_preset(capsys, tmp_path):
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("batch_size: 16\nlearning_rate: 0.1\n")
+    assert "unknown option 'learning_rate'" in fails(["--config", str(cfg)], capsys, tmp_path)
+    cfg.write_text("method: tram\n")
+    assert "'tram' is not one of adamw" in fails(["--config", str(cfg)], capsys, tmp_path)
+    cfg.write_text("max_steps: lots\n")
+    assert "is not a valid int" in fails(["--config", str(cfg)], capsys, tmp_path)
+
+
+def test_presets_parse_and_flags_override(tmp_path):
+    for name in ("tiny", "gpt2_wiki_soc", "gpt2_s2orc_math", "gpt2xl_s2orc_math"):
+        args = train_m2d2.parse_args(["--config", str(ROOT / "configs" / f"{name}.yaml"), "--lr", "0.5"])
+        assert args.lr == 0.5 and args.method in train_m2d2.METHODS
+    xl = train_m2d2.parse_args(["--config", str(ROOT / "configs" / "gpt2xl_s2orc_math.yaml")])
+    assert (xl.batch_size, xl.micro_batch_size, xl.max_steps, xl.model) == (16, 4, 100000, "gpt2-xl")
+    assert Path(xl.deepspeed).is_file() and len(xl.eval_domains) == 11
+    soc = train_m2d2.parse_args(["--config", str(ROOT / "configs" / "gpt2_wiki_soc.yaml")])
+    assert soc.train_domain == "Society_and_social_sciences" and soc.eval_domains[0] == soc.train_domain
+    assert (soc.lr, soc.warmup_steps, soc.max_steps, tuple(soc.betas)) == (2e-5, 10000, 50000, (0.9, 0.99))
+
+
+def test_every_preset_value_has_a_comment():
+    for path in (ROOT / "configs").glob("*.yaml"):
+        for line in path.read_text().splitlines():
+            if line and not line.startswith(("#", " ", "-")) and ":" in line:
+                assert "#" in line, (path.name, line)

@@ -1,0 +1,19 @@
+"""The core optimizer suite again with the Triton kernels forced (interpreted on CPU)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(__file__)
+
+
+def test_optimizer_suite_passes_with_triton_kernels():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRAM_KERNELS": "triton", "TRITON_INTERPRET": "1"}
+    files = ["test_optim_formulas.py", "test_optim_api.py", "test_trust_region.py", "test_step.py"]
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          *[os.path.join(HERE, f) for f in files]],
+                         cwd=os.path.dirname(HERE), env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout and "failed" not in out.stdout
