@@ -1,6 +1,7 @@
 """Fine-tune a causal LM on one M2D2 domain with TRAM (or a baseline); report zero-shot perplexity.
 
 Single process (CPU or one GPU; the offline preset runs in a few minutes on a laptop CPU):
+    python launch/train_m2d2.py                          # no arguments: configs/tiny.yaml
     python launch/train_m2d2.py --config configs/tiny.yaml
     python launch/train_m2d2.py --config configs/tiny.yaml --method sam --output-dir runs/tiny-sam
     python launch/train_m2d2.py --config configs/tiny.yaml --max-steps 0   # zero-shot baseline row
@@ -160,8 +161,14 @@ def _coerce(action: argparse.Action, value, where: str):
     return out if many else out[0]
 
 
+TINY_PRESET = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:  # no arguments at all: the offline tiny preset, end to end in a few minutes
+        argv = ["--config", str(TINY_PRESET)]
     first, _ = parser.parse_known_args(argv)
     if first.config:
         path = Path(first.config)
@@ -684,6 +691,7 @@ def train(p: Plan, d: Dist) -> dict:
     if d.main:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        tqdm.write("\n" + (out / "eval.md").read_text().strip() + "\n")  # the results table
         tqdm.write(f"done: {out}/eval.json (step {best['step']}, {args.train_domain} "
                    f"{_fmt(summary['in_domain_ppl'])}, ZS Avg {_fmt(summary['zs_avg'])})")
     return summary
