@@ -1,0 +1,263 @@
+"""Shared by the engine tests: a tiny GPT-2, global batches, engine builders, gloo spawning.
+
+The distributed checks run inside processes spawned with ``torch.multiprocessing`` (start
+method spawn), one process group per test module; the functions they run live here so that
+the children can import them. Everything is CPU + gloo; GPUs are hidden.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # gloo must not move models to a GPU
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import contextlib  # noqa: E402
+import logging  # noqa: E402
+import socket  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from typing import Any, Callable, Dict, List, Optional  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+VOCAB = 128
+SEQ = 16
+N_GLOBAL = 4          # samples per global batch
+LR = 1e-3
+SIGMA = 0.05          # input noise of TRAM-d_x / TRAM-Fisher
+SEED = 7
+BASE = dict(lr=LR, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0)
+
+ENGINES_FP32 = ("ddp", "fsdp2", "zero1", "zero2", "zero3")
+ENGINES_BF16 = ("fsdp2-bf16", "zero1-bf16", "zero2-bf16", "zero3-bf16")
+METHODS = ("adamw", "sam", "asam", "tram-x", "tram-theta-prev", "tram-theta0", "tram-fisher")
+
+
+# ------------------------------------------------------------------------------------------
+# model and data
+# ------------------------------------------------------------------------------------------
+def tiny_gpt2(seed: int = 0, **overrides):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = dict(n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=32, bos_token_id=0,
+               eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg.update(overrides)
+    model = GPT2LMHeadModel(GPT2Config(**cfg))
+    model.train()  # dropout is 0: deterministic
+    return model
+
+
+def global_batch(step: int, n: int = N_GLOBAL, seq: int = SEQ) -> Dict[str, torch.Tensor]:
+    """The global batch of ``step``; the last sample is partly padding (labels -100), so ranks
+    hold different token counts."""
+    g = torch.Generator().manual_seed(1000 + step)
+    ids = torch.randint(1, VOCAB, (n, seq), generator=g)
+    mask = torch.ones_like(ids)
+    labels = ids.clone()
+    mask[-1, -5:] = 0
+    labels[-1, -5:] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
+            "sample_index": torch.arange(step * n, step * n + n)}
+
+
+def rank_micro_batches(batch, rank: int, world: int, accum: int = 1) -> List[Dict[str, torch.Tensor]]:
+    n = batch["input_ids"].shape[0]
+    per_rank = n // world
+    local = {k: v[rank * per_rank:(rank + 1) * per_rank] for k, v in batch.items()}
+    size = per_rank // accum
+    return [{k: v[i * size:(i + 1) * size] for k, v in local.items()} for i in range(accum)]
+
+
+# ------------------------------------------------------------------------------------------
+# methods and engines
+# ------------------------------------------------------------------------------------------
+def method_spec(method: str):
+    from tram_dist import ASAM, SAM, TRAM, NoisyInputs, PretrainedParams, PreviousParams, TRAMFisher
+
+    return {
+        "adamw": (None, {}, None),
+        "sam": (SAM, {"rho": 0.05}, None),
+        "asam": (ASAM, {"rho": 0.5, "eta": 0.01}, None),
+        "tram-x": (TRAM, {"nu": 1e-5}, lambda: NoisyInputs(SIGMA)),
+        "tram-theta-prev": (TRAM, {"nu": 1e-5}, PreviousParams),
+        "tram-theta0": (TRAM, {"nu": 1e-5}, PretrainedParams),
+        "tram-fisher": (TRAMFisher, {"rho": 0.1, "eta": 0.1}, lambda: NoisyInputs(SIGMA)),
+    }[method]
+
+
+def zero_config(stage: int, bf16: bool, world: int, micro: int, accum: int = 1, **zero_overrides):
+    zero = {"stage": stage, "overlap_comm": False, "contiguous_gradients": True,
+            "stage3_param_persistence_threshold": 0}
+    zero.update(zero_overrides)
+    return {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
+            "train_batch_size": micro * accum * world, "zero_optimization": zero,
+            "bf16": {"enabled": bf16}, "gradient_clipping": 0.0,  # DeepSpeed clips at 1.0 unless told
+            "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
+
+
+class Run:
+    """One model + optimizer + TrainStep under one engine."""
+
+    def __init__(self, engine: str, method: str, world: int, accum: int = 1, zero_overrides=None,
+                 model_overrides=None):
+        from tram_dist import TrainStep
+
+        self.kind, self.method, self.world, self.accum = engine, method, world, accum
+        cls, hp, tr = method_spec(method)
+        model = tiny_gpt2(**(model_overrides or {}))
+        self.inner = model
+        kw = {**hp, **BASE}
+        if engine == "single":
+            self.model = model
+            opt = cls(model.parameters(), torch.optim.AdamW, **kw) if cls else torch.optim.AdamW(model.parameters(), **BASE)
+        elif engine == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+            self.model = DistributedDataParallel(model)
+            opt = cls(model.parameters(), torch.optim.AdamW, **kw) if cls else torch.optim.AdamW(model.parameters(), **BASE)
+        elif engine.startswith("fsdp2"):
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+            mesh = init_device_mesh("cpu", (world,))
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16) if engine.endswith("bf16") else MixedPrecisionPolicy()
+            for block in model.transformer.h:
+                fully_shard(block, mesh=mesh, mp_policy=mp)
+            fully_shard(model, mesh=mesh, mp_policy=mp)
+            self.model = model
+            opt = cls(model.parameters(), torch.optim.AdamW, **kw) if cls else torch.optim.AdamW(model.parameters(), **BASE)
+        elif engine.startswith("zero"):
+            import deepspeed
+            from tram_dist.engines import deepspeed as tram_ds
+            deepspeed.utils.logger.setLevel(logging.ERROR)
+            stage = int(engine[4])
+            micro = N_GLOBAL // world // accum
+            cfg = zero_config(stage, engine.endswith("bf16"), world, micro, accum, **(zero_overrides or {}))
+            self.model, opt, _ = tram_ds.initialize(model, cls, cfg, **kw)
+        else:
+            raise ValueError(engine)
+        self.optimizer = opt
+        self.step = TrainStep(self.model, opt, trust_region=tr() if tr else None, seed=SEED)
+        self.engine = self.step.engine
+
+    def micro_batches(self, step: int):
+        batch = global_batch(step)
+        if self.kind == "single":
+            n = batch["input_ids"].shape[0]
+            return rank_micro_batches(batch, 0, 1, self.accum) if self.accum > 1 else [batch]
+        return rank_micro_batches(batch, dist.get_rank(), self.world, self.accum)
+
+    def train(self, steps: int) -> List[Dict[str, Any]]:
+        out = []
+        for t in range(steps):
+            m = self.step(self.micro_batches(t)).as_dict()
+            m["loss"] = self._global_mean(m["loss"], m["tokens"])
+            if m["perturbed_loss"] is not None:
+                m["perturbed_loss"] = self._global_mean(m["perturbed_loss"], m["tokens"])
+            out.append(m)
+        return out
+
+    def _global_mean(self, value: float, tokens: int) -> float:
+        if self.kind == "single" or not dist.is_initialized():
+            return value
+        t = torch.tensor([value * tokens, float(tokens)], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t[0] / t[1])
+
+    def full_params(self) -> Dict[str, torch.Tensor]:
+        """Full fp32 (master) parameters by name; a collective under FSDP2 and ZeRO."""
+        if self.kind in ("single", "ddp"):
+            return {n: p.detach().float().clone() for n, p in self.inner.named_parameters()}
+        if self.kind.startswith("fsdp2"):
+            return {n: p.full_tensor().detach().float().clone() for n, p in self.inner.named_parameters()}
+        from deepspeed.utils import safe_get_full_fp32_param
+        return {n: safe_get_full_fp32_param(p).detach().float().clone()
+                for n, p in self.model.module.named_parameters()}
+
+
+# ------------------------------------------------------------------------------------------
+# comparisons
+# ------------------------------------------------------------------------------------------
+def max_rel_diff(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> float:
+    """max_i |a_i - b_i| / max_i |b_i| over every parameter (one number per run)."""
+    num = max(float((a[k].double() - b[k].double()).abs().max()) for k in b)
+    den = max(float(b[k].double().abs().max()) for k in b)
+    return num / den
+
+
+def displacement_rel_err(a, b, theta0) -> float:
+    """||(a - theta0) - (b - theta0)|| / ||b - theta0|| over all parameters."""
+    num = sum(float(((a[k] - b[k]).double() ** 2).sum()) for k in b) ** 0.5
+    den = sum(float(((b[k] - theta0[k]).double() ** 2).sum()) for k in b) ** 0.5
+    return num / den
+
+
+def metric_rel_diff(ma: List[Dict], mb: List[Dict], key: str) -> Optional[float]:
+    worst = None
+    for x, y in zip(ma, mb):
+        if x[key] is None and y[key] is None:
+            continue
+        d = abs(x[key] - y[key]) / max(abs(y[key]), 1e-30)
+        worst = d if worst is None else max(worst, d)
+    return worst
+
+
+# ------------------------------------------------------------------------------------------
+# spawning
+# ------------------------------------------------------------------------------------------
+def free_port() -> int:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    result = fn(rank, world, *args)  # an exception ends this rank; spawn stops the others
+    if rank == 0:
+        torch.save(result, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def spawn(fn: Callable, world: int, *args) -> Any:
+    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; returns rank 0's result."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.pt")
+        mp.start_processes(_entry, args=(world, free_port(), fn, args, out), nprocs=world, join=True,
+                           start_method="spawn")
+        return torch.load(out, weights_only=False)
+
+
+# ------------------------------------------------------------------------------------------
+# what the spawned ranks run
+# ------------------------------------------------------------------------------------------
+def run_matrix(rank: int, world: int, engines, methods, steps: int, accum: int = 1) -> Dict:
+    """Train every (engine, method) for ``steps``; rank 0 returns metrics and final params."""
+    results = {}
+    for engine in engines:
+        for method in methods:
+            t0 = time.perf_counter()
+            run = Run(engine, method, world, accum=accum)
+            metrics = run.train(steps)
+            params = run.full_params()
+            results[(engine, method)] = {"metrics": metrics, "params": params,
+                                         "seconds": time.perf_counter() - t0}
+            del run
+    return results
+
+
+def run_single(methods, steps: int, accum: int = 1) -> Dict:
+    """The single-process reference (no process group), in the calling process."""
+    results = {}
+    for method in methods:
+        run = Run("single", method, 1, accum=accum)
+        results[("single", method)] = {"metrics": run.train(steps), "params": run.full_params()}
+    return results
