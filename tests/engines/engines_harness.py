@@ -239,25 +239,30 @@ def spawn(fn: Callable, world: int, *args) -> Any:
 # ------------------------------------------------------------------------------------------
 # what the spawned ranks run
 # ------------------------------------------------------------------------------------------
-def run_matrix(rank: int, world: int, engines, methods, steps: int, accum: int = 1) -> Dict:
-    """Train every (engine, method) for ``steps``; rank 0 returns metrics and final params."""
+def run_jobs(rank: int, world: int, jobs, steps: int) -> Dict:
+    """Train every ``(engine, method, accum)`` job for ``steps``; rank 0 returns, per job, the
+    metrics (losses as global token means), the final full fp32 parameters and the time."""
     results = {}
-    for engine in engines:
-        for method in methods:
-            t0 = time.perf_counter()
-            run = Run(engine, method, world, accum=accum)
-            metrics = run.train(steps)
-            params = run.full_params()
-            results[(engine, method)] = {"metrics": metrics, "params": params,
-                                         "seconds": time.perf_counter() - t0}
-            del run
+    for engine, method, accum in jobs:
+        t0 = time.perf_counter()
+        run = Run(engine, method, world, accum=accum)
+        metrics = run.train(steps)
+        params = run.full_params()
+        results[(engine, method, accum)] = {"metrics": metrics, "params": params,
+                                            "seconds": time.perf_counter() - t0}
+        del run
     return results
 
 
 def run_single(methods, steps: int, accum: int = 1) -> Dict:
     """The single-process reference (no process group), in the calling process."""
-    results = {}
-    for method in methods:
-        run = Run("single", method, 1, accum=accum)
-        results[("single", method)] = {"metrics": run.train(steps), "params": run.full_params()}
-    return results
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the test machines are small and shared: no thread oversubscription
+    try:
+        results = {}
+        for method in methods:
+            run = Run("single", method, 1, accum=accum)
+            results[("single", method)] = {"metrics": run.train(steps), "params": run.full_params()}
+        return results
+    finally:
+        torch.set_num_threads(threads)
