@@ -76,7 +76,7 @@ def rank_micro_batches(batch, rank: int, world: int, accum: int = 1) -> List[Dic
 # methods and engines
 # ------------------------------------------------------------------------------------------
 def method_spec(method: str):
-    from tram_dist import ASAM, SAM, TRAM, NoisyInputs, PretrainedParams, PreviousParams, TRAMFisher
+    from tram_dist import ASAM, SAM, TRAM, EMAParams, NoisyInputs, PretrainedParams, PreviousParams, TRAMFisher
 
     return {
         "adamw": (None, {}, None),
@@ -86,6 +86,7 @@ def method_spec(method: str):
         "tram-theta-prev": (TRAM, {"nu": 1e-5}, PreviousParams),
         "tram-theta0": (TRAM, {"nu": 1e-5}, PretrainedParams),
         "tram-fisher": (TRAMFisher, {"rho": 0.1, "eta": 0.1}, lambda: NoisyInputs(SIGMA)),
+        "tram-ema": (TRAM, {"nu": 1e-5}, lambda: EMAParams(0.9)),
     }[method]
 
 
@@ -103,7 +104,7 @@ class Run:
     """One model + optimizer + TrainStep under one engine."""
 
     def __init__(self, engine: str, method: str, world: int, accum: int = 1, zero_overrides=None,
-                 model_overrides=None):
+                 model_overrides=None, step_kwargs=None, on_nonfinite: str = "skip"):
         from tram_dist import TrainStep
 
         self.kind, self.method, self.world, self.accum = engine, method, world, accum
@@ -111,6 +112,8 @@ class Run:
         model = tiny_gpt2(**(model_overrides or {}))
         self.inner = model
         kw = {**hp, **BASE}
+        if cls is not None:
+            kw["on_nonfinite"] = on_nonfinite
         if engine == "single":
             self.model = model
             opt = cls(model.parameters(), torch.optim.AdamW, **kw) if cls else torch.optim.AdamW(model.parameters(), **BASE)
@@ -139,7 +142,7 @@ class Run:
         else:
             raise ValueError(engine)
         self.optimizer = opt
-        self.step = TrainStep(self.model, opt, trust_region=tr() if tr else None, seed=SEED)
+        self.step = TrainStep(self.model, opt, trust_region=tr() if tr else None, seed=SEED, **(step_kwargs or {}))
         self.engine = self.step.engine
 
     def micro_batches(self, step: int):
@@ -217,6 +220,9 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, out: str
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
+    import warnings
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     result = fn(rank, world, *args)  # an exception ends this rank; spawn stops the others
     if rank == 0:
@@ -266,3 +272,176 @@ def run_single(methods, steps: int, accum: int = 1) -> Dict:
         return results
     finally:
         torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------
+# counting collectives
+# ------------------------------------------------------------------------------------------
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "_all_gather_base", "reduce_scatter",
+               "reduce_scatter_tensor", "_reduce_scatter_base", "broadcast", "reduce", "all_to_all",
+               "all_to_all_single", "all_gather_object", "broadcast_object_list", "gather", "scatter")
+
+
+class CollectiveCounter:
+    """Counts torch.distributed collectives (also those DeepSpeed calls through function
+    references it cached), attributed to the innermost active region."""
+
+    def __init__(self):
+        from collections import Counter, defaultdict
+        self.counts = defaultdict(Counter)
+        self.stack = ["other"]
+        self.enabled = False
+        for name in COLLECTIVES:
+            orig = getattr(dist, name, None)
+            if orig is not None:
+                setattr(dist, name, self._wrap(name, orig))
+        try:
+            import deepspeed.comm.comm as dscomm
+            cdb = dscomm.cdb
+            if cdb is not None:
+                for attr, name in (("all_gather_function", "all_gather_into_tensor"),
+                                   ("reduce_scatter_function", "reduce_scatter_tensor")):
+                    fn = getattr(cdb, attr, None)
+                    if fn is not None:
+                        setattr(cdb, attr, self._wrap(name, fn))
+        except ImportError:
+            pass
+
+    def _wrap(self, name, fn):
+        def counted(*args, **kwargs):
+            if self.enabled:
+                self.counts[self.stack[-1]][name] += 1
+            return fn(*args, **kwargs)
+        counted.__wrapped__ = fn
+        return counted
+
+    @contextlib.contextmanager
+    def region(self, label):
+        self.stack.append(label)
+        try:
+            yield
+        finally:
+            self.stack.pop()
+
+    def wrap_method(self, obj, attr, label):
+        original = getattr(obj, attr)
+
+        def wrapped(*args, **kwargs):
+            with self.region(label):
+                return original(*args, **kwargs)
+        setattr(obj, attr, wrapped)
+
+    def reset(self):
+        self.counts.clear()
+
+
+def count_step_collectives(engine: str, method: str, world: int, counter: CollectiveCounter,
+                           zero_overrides=None) -> Dict[str, Dict[str, int]]:
+    """Collectives of the second TrainStep, by region: 'tram' (swap_in_target, first_step and
+    second_step without the base step), 'base_step', 'other' (passes, token count)."""
+    run = Run(engine, method, world, zero_overrides=zero_overrides)
+    if run.step.perturbed:
+        for attr in ("swap_in_target", "first_step", "second_step", "restore"):
+            counter.wrap_method(run.optimizer, attr, "tram")
+    counter.wrap_method(run.engine, "base_step", "base_step")
+    run.step(run.micro_batches(0))
+    counter.reset()
+    counter.enabled = True
+    try:
+        run.step(run.micro_batches(1))
+    finally:
+        counter.enabled = False
+    out = {k: dict(v) for k, v in counter.counts.items()}
+    # undo the instance-level wraps (the run is dropped anyway)
+    return out
+
+
+def measure_memory(engine: str, method: str, world: int) -> Dict[str, Any]:
+    from tram_dist.memory import expected_tram_bytes, tram_bytes
+
+    run = Run(engine, method, world)
+    run.step(run.micro_batches(0))
+    run.step(run.micro_batches(1))
+    mem = tram_bytes(run.optimizer)
+    return {**mem.as_dict(), "expected": expected_tram_bytes(run.optimizer),
+            "needs_backup": run.engine.needs_backup}
+
+
+def working_and_master(run: "Run") -> Dict[str, torch.Tensor]:
+    """This rank's working-precision slices and (where separate) masters, flattened."""
+    groups = run.engine.slice_groups(with_grad_only=False)
+    work = torch.cat([s.param.detach().float().reshape(-1) for g in groups for s in g.slices])
+    master = torch.cat([s.theta.detach().float().reshape(-1) for g in groups for s in g.slices])
+    return {"work": work.clone(), "master": master.clone()}
+
+
+class _Boom(RuntimeError):
+    pass
+
+
+def restore_paths(engine: str, world: int) -> Dict[str, Any]:
+    """(a) an exception in pass 2 leaves the working parameters exactly as before the step;
+    (b) a skipped ascent (d = NaN) gives exactly the AdamW step."""
+    out = {}
+    # (a) exception between the passes
+    run = Run(engine, "tram-theta-prev", world)
+    run.step(run.micro_batches(0))
+    before = working_and_master(run)
+    calls = {"n": 0}
+
+    def pre_hook(module, args, kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # pass 1, target forward, pass 2
+            raise _Boom("failure in pass 2")
+
+    handle = run.inner.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        run.step(run.micro_batches(1))
+        out["raised"] = False
+    except _Boom:
+        out["raised"] = True
+    handle.remove()
+    after = working_and_master(run)
+    out["exception_work_diff"] = float((after["work"] - before["work"]).abs().max())
+    out["exception_master_diff"] = float((after["master"] - before["master"]).abs().max())
+    out["phase"] = run.optimizer._phase
+    # the run continues normally afterwards
+    m = run.step(run.micro_batches(1))
+    out["continues"] = not m.ascent_skipped
+    del run
+
+    # (b) skipped ascent: a NaN divergence
+    def nan_divergence(target_logits, logits, mask):
+        return torch.tensor(float("nan")), int(mask.sum())
+
+    tram = Run(engine, "tram-theta-prev", world, step_kwargs={"divergence": nan_divergence})
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        metrics = tram.step(tram.micro_batches(0))
+    out["skipped"] = metrics.ascent_skipped
+    base = Run(engine, "adamw", world)
+    base.step(base.micro_batches(0))
+    a, b = tram.full_params(), base.full_params()
+    out["skip_vs_adamw"] = max(float((a[k] - b[k]).abs().max()) for k in b)
+    out["skip_work"] = working_and_master(tram)
+    return out
+
+
+def mechanics(rank: int, world: int, memory_jobs, count_jobs, restore_engines) -> Dict:
+    results = {"memory": {}, "counts": {}, "restore": {}}
+    per_rank = {}
+    for engine, method in memory_jobs:
+        per_rank[(engine, method)] = measure_memory(engine, method, world)
+    # every rank's memory: gathered to rank 0
+    gathered = [None] * world
+    dist.all_gather_object(gathered, per_rank)
+    results["memory"] = gathered
+    if count_jobs:
+        counter = CollectiveCounter()
+        for engine, method, overrides in count_jobs:
+            results["counts"][(engine, method, bool(overrides))] = count_step_collectives(
+                engine, method, world, counter, zero_overrides=overrides)
+    for engine in restore_engines:
+        results["restore"][engine] = restore_paths(engine, world)
+    return results
