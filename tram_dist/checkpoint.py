@@ -27,6 +27,7 @@ exactly like an uninterrupted one (tests/engines/test_engines_checkpoint.py).
 from __future__ import annotations
 
 import os
+import pickle
 from typing import Any, Dict, Optional
 
 import torch
@@ -170,10 +171,12 @@ def _state_for_dcp(model, optimizer, client_state, with_tram_dtensors: bool) -> 
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     base = optimizer.base if _perturbed(optimizer) else optimizer
+    # non-tensor values travel pickled: DCP loads leaves into a template, and an empty dict
+    # has none
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, base),
-             "client": client_state or {}}
+             "client": pickle.dumps(client_state or {})}
     if _perturbed(optimizer):
-        state["tram_meta"] = _tram_meta(optimizer)
+        state["tram_meta"] = pickle.dumps(_tram_meta(optimizer))
         if with_tram_dtensors:
             state["tram"] = _tram_dtensors(model, optimizer)
     return state
@@ -206,13 +209,13 @@ def _load_dcp(path, model, optimizer, with_tram_dtensors: bool) -> Dict[str, Any
                         optimizer.state[params[name]][TARGET] = local.clone()
                     elif buf.data_ptr() != local.data_ptr():
                         buf.copy_(local)
-        meta = state["tram_meta"]
+        meta = pickle.loads(state["tram_meta"])
         optimizer.step_count = int(meta["step_count"])
         optimizer.skipped_ascents = int(meta["skipped_ascents"])
         if optimizer.trust_region is not None and meta.get("trust_region") is not None:
             optimizer.trust_region.load_state_dict(meta["trust_region"])
         optimizer._phase = "idle"
-    return state.get("client", {})
+    return pickle.loads(state["client"])
 
 
 __all__ = ["save_checkpoint", "load_checkpoint"]

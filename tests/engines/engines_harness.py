@@ -152,9 +152,9 @@ class Run:
             return rank_micro_batches(batch, 0, 1, self.accum) if self.accum > 1 else [batch]
         return rank_micro_batches(batch, dist.get_rank(), self.world, self.accum)
 
-    def train(self, steps: int) -> List[Dict[str, Any]]:
+    def train(self, steps: int, start: int = 0) -> List[Dict[str, Any]]:
         out = []
-        for t in range(steps):
+        for t in range(start, start + steps):
             m = self.step(self.micro_batches(t)).as_dict()
             m["loss"] = self._global_mean(m["loss"], m["tokens"])
             if m["perturbed_loss"] is not None:
@@ -445,3 +445,31 @@ def mechanics(rank: int, world: int, memory_jobs, count_jobs, restore_engines) -
     for engine in restore_engines:
         results["restore"][engine] = restore_paths(engine, world)
     return results
+
+
+def checkpoint_resume(rank: int, world: int, jobs, directory: str) -> Dict:
+    """Per job: 3 uninterrupted steps against 2 steps, save, a fresh run, load, 1 step."""
+    from tram_dist.checkpoint import load_checkpoint, save_checkpoint
+
+    out = {}
+    for engine, method in jobs:
+        full = Run(engine, method, world)
+        full_metrics = full.train(3)
+        full_params = full.full_params()
+        del full
+        first = Run(engine, method, world)
+        first.train(2)
+        path = os.path.join(directory, f"{engine}-{method}")
+        save_checkpoint(path, first.model, first.optimizer, client_state={"data_step": 2})
+        del first
+        resumed = Run(engine, method, world)
+        client = load_checkpoint(path, resumed.model, resumed.optimizer)
+        resumed_metrics = resumed.train(1, start=int(client["data_step"]))
+        params = resumed.full_params()
+        out[(engine, method)] = {
+            "max_abs_diff": max(float((params[k] - full_params[k]).abs().max()) for k in full_params),
+            "metrics": (resumed_metrics[0], full_metrics[2]),
+            "step_count": getattr(resumed.optimizer, "step_count", None),
+        }
+        del resumed
+    return out
