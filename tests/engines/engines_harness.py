@@ -131,6 +131,16 @@ class Run:
             fully_shard(model, mesh=mesh, mp_policy=mp)
             self.model = model
             opt = cls(model.parameters(), torch.optim.AdamW, **kw) if cls else torch.optim.AdamW(model.parameters(), **BASE)
+        elif engine == "fsdp1":  # CUDA only: FSDP1 refuses CPU
+            from torch.distributed.fsdp import FullyShardedDataParallel
+            from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+            from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+            torch.cuda.set_device(dist.get_rank() % torch.cuda.device_count())
+            self.model = FullyShardedDataParallel(model.cuda(), use_orig_params=True,
+                                                  auto_wrap_policy=ModuleWrapPolicy({GPT2Block}),
+                                                  device_id=torch.cuda.current_device())
+            self.inner = self.model
+            opt = cls(self.model.parameters(), torch.optim.AdamW, **kw) if cls else torch.optim.AdamW(self.model.parameters(), **BASE)
         elif engine.startswith("zero"):
             import deepspeed
             from tram_dist.engines import deepspeed as tram_ds
@@ -148,9 +158,11 @@ class Run:
     def micro_batches(self, step: int):
         batch = global_batch(step)
         if self.kind == "single":
-            n = batch["input_ids"].shape[0]
             return rank_micro_batches(batch, 0, 1, self.accum) if self.accum > 1 else [batch]
-        return rank_micro_batches(batch, dist.get_rank(), self.world, self.accum)
+        mbs = rank_micro_batches(batch, dist.get_rank(), self.world, self.accum)
+        if self.kind == "fsdp1":
+            mbs = [{k: (v if k == "sample_index" else v.cuda()) for k, v in mb.items()} for mb in mbs]
+        return mbs
 
     def train(self, steps: int, start: int = 0) -> List[Dict[str, Any]]:
         out = []
@@ -175,6 +187,11 @@ class Run:
             return {n: p.detach().float().clone() for n, p in self.inner.named_parameters()}
         if self.kind.startswith("fsdp2"):
             return {n: p.full_tensor().detach().float().clone() for n, p in self.inner.named_parameters()}
+        if self.kind == "fsdp1":
+            from torch.distributed.fsdp import FullyShardedDataParallel
+            with FullyShardedDataParallel.summon_full_params(self.model, writeback=False):
+                return {n.replace("_fsdp_wrapped_module.", ""): p.detach().float().cpu().clone()
+                        for n, p in self.model.named_parameters()}
         from deepspeed.utils import safe_get_full_fp32_param
         return {n: safe_get_full_fp32_param(p).detach().float().clone()
                 for n, p in self.model.module.named_parameters()}
@@ -216,14 +233,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, out: str) -> None:
+def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, out: str, backend: str = "gloo",
+           env: Optional[Dict[str, str]] = None) -> None:
+    for key, value in (env or {}).items():  # None: unset
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     import warnings
     for category in (FutureWarning, DeprecationWarning, UserWarning):
         warnings.filterwarnings("ignore", category=category)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group(backend, rank=rank, world_size=world)
     result = fn(rank, world, *args)  # an exception ends this rank; spawn stops the others
     if rank == 0:
         torch.save(result, out)
@@ -231,14 +254,15 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, out: str
     dist.destroy_process_group()
 
 
-def spawn(fn: Callable, world: int, *args) -> Any:
-    """Run ``fn(rank, world, *args)`` on ``world`` gloo ranks; returns rank 0's result."""
+def spawn(fn: Callable, world: int, *args, backend: str = "gloo", env: Optional[Dict[str, Optional[str]]] = None) -> Any:
+    """Run ``fn(rank, world, *args)`` on ``world`` ranks (gloo unless told); returns rank 0's
+    result. ``env`` is set in the ranks before anything is imported there."""
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.pt")
-        mp.start_processes(_entry, args=(world, free_port(), fn, args, out), nprocs=world, join=True,
-                           start_method="spawn")
+        mp.start_processes(_entry, args=(world, free_port(), fn, args, out, backend, env), nprocs=world,
+                           join=True, start_method="spawn")
         return torch.load(out, weights_only=False)
 
 

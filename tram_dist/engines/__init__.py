@@ -32,8 +32,10 @@ def _is_dtensor(t) -> bool:
 
 def default_engine(optimizer) -> Engine:
     """The engine for ``optimizer``'s parameters when none is given: FSDP2 for DTensor
-    parameters, otherwise whole parameters on every rank (single process or DDP). An optimizer
-    that carries its engine (``tram_engine``, set by ``ZeroEngine``) gets that one."""
+    parameters, FSDP1 for the original parameters of a ``use_orig_params=True`` FSDP model
+    (the model is bound by ``TrainStep``), otherwise whole parameters on every rank (single
+    process or DDP). An optimizer that carries its engine (``tram_engine``, set by
+    ``ZeroEngine``) gets that one."""
     engine = getattr(optimizer, "tram_engine", None)
     if engine is not None:
         return engine
@@ -43,6 +45,8 @@ def default_engine(optimizer) -> Engine:
             raise ValueError("the optimizer mixes DTensor (FSDP2) and plain parameters; shard the whole "
                              "model with fully_shard or give an engine explicitly")
         return FSDP2Engine(optimizer)
+    if any(getattr(p, "_fsdp_flattened", False) for p in params):  # FSDP1 marks what it flattened
+        return FSDP1Engine(optimizer)
     return LocalEngine(optimizer)
 
 
