@@ -449,6 +449,27 @@ def restore_paths(engine: str, world: int) -> Dict[str, Any]:
     a, b = tram.full_params(), base.full_params()
     out["skip_vs_adamw"] = max(float((a[k] - b[k]).abs().max()) for k in b)
     out["skip_work"] = working_and_master(tram)
+    del tram, base
+
+    # (c) non-finite pass-2 gradients: DeepSpeed skips its step (fp32 ZeRO-1/2, any ZeRO-3)
+    # and returns before copying the master back; the engine restores the working params
+    if engine.startswith("zero") and (engine.startswith("zero3") or not engine.endswith("bf16")):
+        run = Run(engine, "sam", world)
+        run.step(run.micro_batches(0))
+        before = working_and_master(run)
+        calls = {"n": 0}
+
+        def nan_logits(module, args, output):
+            calls["n"] += 1
+            return output * float("nan") if calls["n"] == 2 else output  # pass 2
+
+        handle = run.inner.lm_head.register_forward_hook(nan_logits)
+        run.step(run.micro_batches(1))
+        handle.remove()
+        after = working_and_master(run)
+        out["nan_overflow"] = bool(run.model.optimizer.overflow)
+        out["nan_master_diff"] = float((after["master"] - before["master"]).abs().max())
+        out["nan_work"] = after
     return out
 
 

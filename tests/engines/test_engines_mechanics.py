@@ -129,3 +129,17 @@ def test_skipped_ascent_is_the_adamw_step(results, engine):
     if engine.endswith("bf16") and engine.startswith("zero"):
         master = master.to(torch.bfloat16).float()
     assert torch.equal(work, master)  # working parameters are the restored master
+
+
+@pytest.mark.parametrize("engine", [e for e in RESTORE_ENGINES if e.startswith("zero")
+                                    and (e.startswith("zero3") or not e.endswith("bf16"))])
+def test_skipped_deepspeed_step_restores_working_params(results, engine):
+    """A non-finite pass-2 gradient makes DeepSpeed skip its step before it copies the master
+    back into the working parameters; the engine restores them from the untouched master."""
+    r = results[2]["restore"][engine]
+    assert r["nan_overflow"]
+    assert r["nan_master_diff"] == 0.0
+    work, master = r["nan_work"]["work"], r["nan_work"]["master"]
+    if engine.endswith("bf16"):
+        master = master.to(torch.bfloat16).float()
+    assert torch.equal(work, master)

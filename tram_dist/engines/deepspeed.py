@@ -212,6 +212,17 @@ class ZeroEngine(Engine):
             raise NotImplementedError("ZeroEngine: a GradScaler is not supported (bf16/fp32 need none)")
         self.ds.set_gradient_accumulation_boundary(True)
         self.ds.step()
+        if getattr(self.zero, "overflow", False) and not self.needs_backup:
+            # DeepSpeed skipped the update (non-finite gradient norm) and returned before its
+            # copy of the master into the working parameters: that copy was our restore.
+            self.restore_working_from_master()
+
+    @torch.no_grad()
+    def restore_working_from_master(self) -> None:
+        from .. import kernels
+        for group in self.slice_groups(with_grad_only=False):
+            kernels.restore_([s.param for s in group.slices], [s.theta for s in group.slices])
+        self.publish()
 
 
 def initialize(model, method=None, config=None, *, base_optimizer=torch.optim.AdamW, model_parameters=None,
