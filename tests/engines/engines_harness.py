@@ -273,13 +273,15 @@ def run_jobs(rank: int, world: int, jobs, steps: int) -> Dict:
     """Train every ``(engine, method, accum)`` job for ``steps``; rank 0 returns, per job, the
     metrics (losses as global token means), the final full fp32 parameters and the time."""
     results = {}
-    for engine, method, accum in jobs:
+    for job in jobs:
+        engine, method, accum = job[:3]
+        overrides = job[3] if len(job) > 3 else None  # ZeRO config overrides
         t0 = time.perf_counter()
-        run = Run(engine, method, world, accum=accum)
+        run = Run(engine, method, world, accum=accum, zero_overrides=overrides)
         metrics = run.train(steps)
         params = run.full_params()
-        results[(engine, method, accum)] = {"metrics": metrics, "params": params,
-                                            "seconds": time.perf_counter() - t0}
+        key = (engine, method, accum) if overrides is None else (engine, method, accum, tuple(sorted(overrides)))
+        results[key] = {"metrics": metrics, "params": params, "seconds": time.perf_counter() - t0}
         del run
     return results
 

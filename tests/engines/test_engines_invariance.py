@@ -43,6 +43,13 @@ BF16_PARAM_ATOL = 2 * ADAM_STEP_BOUND * STEPS
 
 ACCUM_ENGINES = ("fsdp2", "zero1", "zero2", "zero3")
 ACCUM_METHODS = ("adamw", "sam", "tram-x", "tram-theta-prev")
+# DeepSpeed settings that change where gradients and parameters live: overlapped reduction
+# (double buffers, the setting of configs/zero2.json) and ZeRO-3's persistent small parameters
+# (DeepSpeed's default threshold: they stay gathered and are re-gathered by publish)
+ZERO_VARIANTS = (("zero2", {"overlap_comm": True}), ("zero3", {"overlap_comm": True}),
+                 ("zero3", {"stage3_param_persistence_threshold": 100000}),
+                 ("zero1-bf16", {"overlap_comm": True}))
+ZERO_VARIANT_METHODS = ("sam", "tram-theta-prev")
 WORLD4_ENGINES = ("fsdp2", "zero3")
 WORLD4_METHODS = ("adamw", "sam", "asam", "tram-x", "tram-theta-prev", "tram-theta0", "tram-fisher")
 
@@ -55,8 +62,11 @@ def runs():
     single = H.run_single(H.METHODS, STEPS)
     jobs2 = [(e, m, 1) for e in H.ENGINES_FP32 + H.ENGINES_BF16 for m in H.METHODS]
     jobs2 += [(e, m, 2) for e in ACCUM_ENGINES for m in ACCUM_METHODS]
+    jobs2 += [(e, m, 1, o) for e, o in ZERO_VARIANTS for m in ZERO_VARIANT_METHODS]
     world2 = H.spawn(H.run_jobs, 2, jobs2, STEPS)
-    world1 = H.spawn(H.run_jobs, 1, [(e, m, 1) for e in H.ENGINES_BF16 for m in H.METHODS], STEPS)
+    jobs1 = [(e, m, 1) for e in H.ENGINES_BF16 for m in H.METHODS]
+    jobs1 += [(e, m, 1, o) for e, o in ZERO_VARIANTS if e.endswith("bf16") for m in ZERO_VARIANT_METHODS]
+    world1 = H.spawn(H.run_jobs, 1, jobs1, STEPS)
     world4 = H.spawn(H.run_jobs, 4, [(e, m, 1) for e in WORLD4_ENGINES for m in WORLD4_METHODS], STEPS)
     REPORT["seconds"] = time.perf_counter() - t0
     return {"single": single, 1: world1, 2: world2, 4: world4}
@@ -138,6 +148,25 @@ def test_accumulation_equals_one_big_batch(runs, engine, method):
     REPORT[(engine, method, "accum2")] = err
     assert err <= FP32_RTOL, f"{engine}/{method} with accumulation: parameters differ by {err:.2e}"
     _check_metrics(got["metrics"], ref["metrics"], FP32_RTOL, f"{engine}/{method} accumulation")
+
+
+@pytest.mark.parametrize("variant", range(len(ZERO_VARIANTS)))
+@pytest.mark.parametrize("method", ZERO_VARIANT_METHODS)
+def test_zero_settings(runs, variant, method):
+    engine, overrides = ZERO_VARIANTS[variant]
+    key = (engine, method, 1, tuple(sorted(overrides)))
+    got = runs[2][key]
+    if engine.endswith("bf16"):
+        ref = runs[1][key]
+        err = max(float((got["params"][k] - ref["params"][k]).abs().max()) for k in ref["params"])
+        assert err <= BF16_PARAM_ATOL, (key, err)
+        _check_metrics(got["metrics"], ref["metrics"], BF16_RTOL, str(key))
+    else:
+        ref = runs["single"][("single", method)]
+        err = H.max_rel_diff(got["params"], ref["params"])
+        REPORT[(engine, method, str(overrides))] = err
+        assert err <= FP32_RTOL, (key, err)
+        _check_metrics(got["metrics"], ref["metrics"], FP32_RTOL, str(key))
 
 
 def test_norm_is_global_not_per_shard(runs):
