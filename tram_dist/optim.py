@@ -34,8 +34,8 @@ from torch.optim import Optimizer
 
 from . import kernels
 from .divergence import Partial
+from .engines import default_engine
 from .engines.base import Engine, SliceGroup
-from .engines.local import LocalEngine
 from .trust_region import TARGET, ParamTarget
 
 ON_NONFINITE = ("skip", "raise")
@@ -91,7 +91,8 @@ class PerturbedOptimizer(Optimizer):
         self.param_groups = base.param_groups
         self.defaults.update(base.defaults)
         self.on_nonfinite = on_nonfinite
-        self.engine: Engine = engine if engine is not None else LocalEngine(self)
+        self.engine: Engine = engine if engine is not None else default_engine(self)
+        self.engine.bind(self)
         self.trust_region: Optional[ParamTarget] = None
         self.step_count = 0          # completed TRAM steps (first_step + second_step)
         self.skipped_ascents = 0     # steps whose ascent was skipped (non-finite d or norm)
@@ -361,20 +362,22 @@ class PerturbedOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> Dict[str, Any]:
-        index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        return {"base": self.base.state_dict(), "tram": self.tram_state_dict()}
+
+    def tram_state_dict(self) -> Dict[str, Any]:
+        """TRAM's own state (trust-region buffers of this rank's slices, counters), without the
+        base optimizer's: engines whose base state is saved elsewhere (ZeRO) save only this."""
+        index = {id(p): i for i, p in enumerate(self.engine.state_keys())}
         own = {}
         for p, st in self.state.items():
             kept = {k: v for k, v in st.items() if k in _PERSISTENT}
             if kept and id(p) in index:
                 own[index[id(p)]] = kept
         return {
-            "base": self.base.state_dict(),
-            "tram": {
-                "state": own,
-                "step_count": self.step_count,
-                "skipped_ascents": self.skipped_ascents,
-                "trust_region": None if self.trust_region is None else self.trust_region.state_dict(),
-            },
+            "state": own,
+            "step_count": self.step_count,
+            "skipped_ascents": self.skipped_ascents,
+            "trust_region": None if self.trust_region is None else self.trust_region.state_dict(),
         }
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -384,16 +387,18 @@ class PerturbedOptimizer(Optimizer):
         self.base.load_state_dict(state_dict["base"])
         # torch rebuilds the base's group dicts on load: share them again.
         self.param_groups = self.base.param_groups
-        own = state_dict["tram"]
-        params = [p for g in self.param_groups for p in g["params"]]
+        self.load_tram_state_dict(state_dict["tram"])
+
+    def load_tram_state_dict(self, own: Dict[str, Any]) -> None:
+        keys = self.engine.state_keys()
         for i, kept in own["state"].items():
-            p = params[int(i)]
+            p = keys[int(i)]
             for k, v in kept.items():
                 cur = self.state[p].get(k)
                 if cur is not None and cur.shape == v.shape:
                     cur.copy_(v)
                 else:
-                    self.state[p][k] = v.to(device=p.device, dtype=p.dtype).clone()
+                    self.state[p][k] = v.to(device=p.device).clone()  # its own dtype (EMA: master's)
         self.step_count = int(own["step_count"])
         self.skipped_ascents = int(own["skipped_ascents"])
         if self.trust_region is not None and own.get("trust_region") is not None:

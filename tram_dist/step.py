@@ -26,8 +26,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .divergence import Partial, get_divergence, token_mask
+from .engines import default_engine
 from .engines.base import Engine
-from .engines.local import LocalEngine
 from .optim import PerturbedOptimizer
 from .trust_region import NoisyInputs, ParamTarget
 
@@ -74,7 +74,8 @@ class TrainStep:
         self.model = model
         self.optimizer = optimizer
         self.perturbed = isinstance(optimizer, PerturbedOptimizer)
-        self.engine = engine or (optimizer.engine if self.perturbed else LocalEngine(optimizer))
+        self.engine = engine or (optimizer.engine if self.perturbed else default_engine(optimizer))
+        self.engine.bind_model(model)
         self.trust_region = trust_region
         self.divergence = get_divergence(divergence)
         if autocast_dtype not in (None, torch.bfloat16, torch.float16):

@@ -57,6 +57,21 @@ class Engine:
     grads_sharded: bool = False
     #: The data-parallel process group (None: the default group when initialised).
     dp_group = None
+    #: The optimizer whose ``state`` holds the per-slice buffers (set by ``bind``).
+    optimizer = None
+
+    def bind(self, optimizer) -> None:
+        """Called by the ``PerturbedOptimizer`` that runs on this engine (its ``state`` keeps
+        the per-slice buffers)."""
+        self.optimizer = optimizer
+
+    def bind_model(self, model) -> None:
+        """Called by ``TrainStep`` with the model it runs; engines that act on modules keep it."""
+
+    def state_keys(self) -> List[Tensor]:
+        """The tensors that key per-slice state in ``optimizer.state``, in an order that is the
+        same on every run of the same configuration (checkpoints index state by position)."""
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
 
     # --- what TRAM reads and writes --------------------------------------------------------
     def slice_groups(self, with_grad_only: bool = True) -> List[SliceGroup]:
@@ -89,8 +104,22 @@ class Engine:
             loss.backward()
 
     def clip_grad_norm_(self, max_norm: float) -> Tensor:
-        params = [s.param for g in self.slice_groups() for s in g.slices]
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        """Clip the reduced gradients to a global L2 norm; returns the norm before clipping."""
+        if not self.grads_sharded:  # whole gradients on every rank: torch's own clipping
+            params = [s.param for g in self.slice_groups() for s in g.slices]
+            return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        # sharded: partial sums of squares over the local slices (never padding), one all-reduce
+        with torch.no_grad():
+            grads = [s.grad for g in self.slice_groups() for s in g.slices if s.grad is not None]
+            device = grads[0].device if grads else torch.device("cpu")
+            total = torch.zeros(1, dtype=torch.float32, device=device)
+            for g in grads:
+                total += g.float().pow(2).sum()
+            norm = self.all_reduce_sum_(total).sqrt().reshape(())
+            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+            for g in grads:
+                g.mul_(coef.to(g.dtype))
+        return norm
 
     def base_step(self, scaler=None) -> None:
         raise NotImplementedError
