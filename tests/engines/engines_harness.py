@@ -303,9 +303,13 @@ def run_single(methods, steps: int, accum: int = 1) -> Dict:
 # ------------------------------------------------------------------------------------------
 # counting collectives
 # ------------------------------------------------------------------------------------------
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "_all_gather_base", "reduce_scatter",
-               "reduce_scatter_tensor", "_reduce_scatter_base", "broadcast", "reduce", "all_to_all",
-               "all_to_all_single", "all_gather_object", "broadcast_object_list", "gather", "scatter")
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "_all_gather_base",
+               "reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_single", "_reduce_scatter_base",
+               "all_reduce_coalesced", "broadcast", "reduce", "all_to_all", "all_to_all_single",
+               "all_gather_object", "broadcast_object_list", "gather", "scatter")
+# DTensor redistribution goes through the functional collectives
+FUNCTIONAL_COLLECTIVES = ("all_reduce", "all_gather_tensor", "all_gather_tensor_autograd", "reduce_scatter_tensor",
+                          "all_reduce_coalesced", "all_to_all_single", "broadcast")
 
 
 class CollectiveCounter:
@@ -321,6 +325,11 @@ class CollectiveCounter:
             orig = getattr(dist, name, None)
             if orig is not None:
                 setattr(dist, name, self._wrap(name, orig))
+        import torch.distributed._functional_collectives as funcol
+        for name in FUNCTIONAL_COLLECTIVES:
+            orig = getattr(funcol, name, None)
+            if orig is not None:
+                setattr(funcol, name, self._wrap("functional." + name, orig))
         try:
             import deepspeed.comm.comm as dscomm
             cdb = dscomm.cdb

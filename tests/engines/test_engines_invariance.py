@@ -26,7 +26,9 @@ Tolerances.
   may differ by 2 * 1.003 * lr per step: max|a - b| <= 2 * 1.003 * lr * 3 (6.0e-3 for
   lr = 1e-3). Measured: <= 5e-3 (parameters), <= 1.4e-3 (norms), <= 4.1e-3 (||eps||).
 """
+import json
 import math
+import os
 import time
 
 import pytest
@@ -69,7 +71,31 @@ def runs():
     world1 = H.spawn(H.run_jobs, 1, jobs1, STEPS)
     world4 = H.spawn(H.run_jobs, 4, [(e, m, 1) for e in WORLD4_ENGINES for m in WORLD4_METHODS], STEPS)
     REPORT["seconds"] = time.perf_counter() - t0
-    return {"single": single, 1: world1, 2: world2, 4: world4}
+    runs = {"single": single, 1: world1, 2: world2, 4: world4}
+    if os.environ.get("TRAM_ENGINES_REPORT"):  # the measured differences, for docs/engines.md
+        with open(os.environ["TRAM_ENGINES_REPORT"], "w") as f:
+            json.dump(_summary(runs), f, indent=1)
+    return runs
+
+
+def _summary(runs):
+    rows = []
+    for world in (2, 4):
+        for key, got in runs[world].items():
+            engine, method, accum = key[:3]
+            if engine.endswith("bf16"):
+                ref = runs[1].get(key)
+            else:
+                ref = runs["single"][("single", method)]
+            if ref is None:
+                continue
+            norm = H.metric_rel_diff(got["metrics"], ref["metrics"], "grad_norm")
+            rows.append({"world": world, "engine": engine, "method": method, "accum": accum,
+                         "settings": str(key[3]) if len(key) > 3 else "",
+                         "reference": "1 rank" if engine.endswith("bf16") else "single process",
+                         "param_max_rel": H.max_rel_diff(got["params"], ref["params"]),
+                         "norm_max_rel": norm})
+    return rows
 
 
 def _theta0():
