@@ -32,7 +32,6 @@ import os
 import time
 
 import pytest
-import torch
 
 import engines_harness as H
 
