@@ -529,3 +529,21 @@ def checkpoint_resume(rank: int, world: int, jobs, directory: str) -> Dict:
         }
         del resumed
     return out
+
+
+def checkpoint_save_after(rank: int, world: int, engine: str, method: str, path: str, steps: int) -> Dict:
+    from tram_dist.checkpoint import save_checkpoint
+
+    run = Run(engine, method, world)
+    run.train(steps)
+    save_checkpoint(path, run.model, run.optimizer, client_state={"data_step": steps})
+    return {}
+
+
+def checkpoint_load_and_train(rank: int, world: int, engine: str, method: str, path: str, steps: int) -> Dict:
+    from tram_dist.checkpoint import load_checkpoint
+
+    run = Run(engine, method, world)
+    client = load_checkpoint(path, run.model, run.optimizer)
+    metrics = run.train(steps, start=int(client["data_step"]))
+    return {"metrics": metrics, "params": run.full_params(), "step_count": run.optimizer.step_count}
