@@ -276,24 +276,27 @@ def run_jobs(rank: int, world: int, jobs, steps: int) -> Dict:
     for job in jobs:
         engine, method, accum = job[:3]
         overrides = job[3] if len(job) > 3 else None  # ZeRO config overrides
+        step_kwargs = job[4] if len(job) > 4 else None  # TrainStep options
         t0 = time.perf_counter()
-        run = Run(engine, method, world, accum=accum, zero_overrides=overrides)
+        run = Run(engine, method, world, accum=accum, zero_overrides=overrides, step_kwargs=step_kwargs)
         metrics = run.train(steps)
         params = run.full_params()
         key = (engine, method, accum) if overrides is None else (engine, method, accum, tuple(sorted(overrides)))
+        if step_kwargs:
+            key = key + tuple(sorted(step_kwargs))
         results[key] = {"metrics": metrics, "params": params, "seconds": time.perf_counter() - t0}
         del run
     return results
 
 
-def run_single(methods, steps: int, accum: int = 1) -> Dict:
+def run_single(methods, steps: int, accum: int = 1, step_kwargs=None) -> Dict:
     """The single-process reference (no process group), in the calling process."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the test machines are small and shared: no thread oversubscription
     try:
         results = {}
         for method in methods:
-            run = Run("single", method, 1, accum=accum)
+            run = Run("single", method, 1, accum=accum, step_kwargs=step_kwargs)
             results[("single", method)] = {"metrics": run.train(steps), "params": run.full_params()}
         return results
     finally:
