@@ -276,24 +276,27 @@ def run_jobs(rank: int, world: int, jobs, steps: int) -> Dict:
     for job in jobs:
         engine, method, accum = job[:3]
         overrides = job[3] if len(job) > 3 else None  # ZeRO config overrides
+        step_kwargs = job[4] if len(job) > 4 else None  # TrainStep options
         t0 = time.perf_counter()
-        run = Run(engine, method, world, accum=accum, zero_overrides=overrides)
+        run = Run(engine, method, world, accum=accum, zero_overrides=overrides, step_kwargs=step_kwargs)
         metrics = run.train(steps)
         params = run.full_params()
         key = (engine, method, accum) if overrides is None else (engine, method, accum, tuple(sorted(overrides)))
+        if step_kwargs:
+            key = key + tuple(sorted(step_kwargs))
         results[key] = {"metrics": metrics, "params": params, "seconds": time.perf_counter() - t0}
         del run
     return results
 
 
-def run_single(methods, steps: int, accum: int = 1) -> Dict:
+def run_single(methods, steps: int, accum: int = 1, step_kwargs=None) -> Dict:
     """The single-process reference (no process group), in the calling process."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the test machines are small and shared: no thread oversubscription
     try:
         results = {}
         for method in methods:
-            run = Run("single", method, 1, accum=accum)
+            run = Run("single", method, 1, accum=accum, step_kwargs=step_kwargs)
             results[("single", method)] = {"metrics": run.train(steps), "params": run.full_params()}
         return results
     finally:
@@ -303,9 +306,13 @@ def run_single(methods, steps: int, accum: int = 1) -> Dict:
 # ------------------------------------------------------------------------------------------
 # counting collectives
 # ------------------------------------------------------------------------------------------
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "_all_gather_base", "reduce_scatter",
-               "reduce_scatter_tensor", "_reduce_scatter_base", "broadcast", "reduce", "all_to_all",
-               "all_to_all_single", "all_gather_object", "broadcast_object_list", "gather", "scatter")
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "_all_gather_base",
+               "reduce_scatter", "reduce_scatter_tensor", "reduce_scatter_single", "_reduce_scatter_base",
+               "all_reduce_coalesced", "broadcast", "reduce", "all_to_all", "all_to_all_single",
+               "all_gather_object", "broadcast_object_list", "gather", "scatter")
+# DTensor redistribution goes through the functional collectives
+FUNCTIONAL_COLLECTIVES = ("all_reduce", "all_gather_tensor", "all_gather_tensor_autograd", "reduce_scatter_tensor",
+                          "all_reduce_coalesced", "all_to_all_single", "broadcast")
 
 
 class CollectiveCounter:
@@ -321,6 +328,11 @@ class CollectiveCounter:
             orig = getattr(dist, name, None)
             if orig is not None:
                 setattr(dist, name, self._wrap(name, orig))
+        import torch.distributed._functional_collectives as funcol
+        for name in FUNCTIONAL_COLLECTIVES:
+            orig = getattr(funcol, name, None)
+            if orig is not None:
+                setattr(funcol, name, self._wrap("functional." + name, orig))
         try:
             import deepspeed.comm.comm as dscomm
             cdb = dscomm.cdb
@@ -520,3 +532,21 @@ def checkpoint_resume(rank: int, world: int, jobs, directory: str) -> Dict:
         }
         del resumed
     return out
+
+
+def checkpoint_save_after(rank: int, world: int, engine: str, method: str, path: str, steps: int) -> Dict:
+    from tram_dist.checkpoint import save_checkpoint
+
+    run = Run(engine, method, world)
+    run.train(steps)
+    save_checkpoint(path, run.model, run.optimizer, client_state={"data_step": steps})
+    return {}
+
+
+def checkpoint_load_and_train(rank: int, world: int, engine: str, method: str, path: str, steps: int) -> Dict:
+    from tram_dist.checkpoint import load_checkpoint
+
+    run = Run(engine, method, world)
+    client = load_checkpoint(path, run.model, run.optimizer)
+    metrics = run.train(steps, start=int(client["data_step"]))
+    return {"metrics": metrics, "params": run.full_params(), "step_count": run.optimizer.step_count}

@@ -25,3 +25,18 @@ def test_resume_continues_exactly(resumed, engine, method):
     for key in ("loss", "perturbed_loss", "divergence", "grad_norm", "eps_norm"):
         assert got[key] == ref[key], (key, got[key], ref[key])
     assert r["step_count"] == 3
+
+
+@pytest.mark.parametrize("method", ("tram-theta-prev", "tram-ema"))
+def test_fsdp2_checkpoint_reshards_across_world_sizes(tmp_path, method):
+    """torch.distributed.checkpoint keeps TRAM's targets as DTensors: saved on 2 ranks, the run
+    resumes on 1 rank and continues like the uninterrupted single-process run (fp32 rounding
+    of the different split only)."""
+    path = str(tmp_path / "fsdp2")
+    H.spawn(H.checkpoint_save_after, 2, "fsdp2", method, path, 2)
+    resumed = H.spawn(H.checkpoint_load_and_train, 1, "fsdp2", method, path, 1)
+    ref = H.run_single([method], 3)[("single", method)]
+    assert resumed["step_count"] == 3
+    err = H.max_rel_diff(resumed["params"], ref["params"])
+    assert err <= 1e-5, err
+    assert abs(resumed["metrics"][0]["grad_norm"] - ref["metrics"][2]["grad_norm"]) <= 1e-5 * ref["metrics"][2]["grad_norm"]

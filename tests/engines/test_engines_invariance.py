@@ -26,11 +26,12 @@ Tolerances.
   may differ by 2 * 1.003 * lr per step: max|a - b| <= 2 * 1.003 * lr * 3 (6.0e-3 for
   lr = 1e-3). Measured: <= 5e-3 (parameters), <= 1.4e-3 (norms), <= 4.1e-3 (||eps||).
 """
+import json
 import math
+import os
 import time
 
 import pytest
-import torch
 
 import engines_harness as H
 
@@ -50,6 +51,9 @@ ZERO_VARIANTS = (("zero2", {"overlap_comm": True}), ("zero3", {"overlap_comm": T
                  ("zero3", {"stage3_param_persistence_threshold": 100000}),
                  ("zero1-bf16", {"overlap_comm": True}))
 ZERO_VARIANT_METHODS = ("sam", "tram-theta-prev")
+CLIP = {"max_grad_norm": 0.5}  # the gradient norm is ~1.5: clipping is active
+CLIP_ENGINES = ("ddp", "fsdp2", "zero2", "zero3")
+CLIP_METHODS = ("adamw", "tram-x")
 WORLD4_ENGINES = ("fsdp2", "zero3")
 WORLD4_METHODS = ("adamw", "sam", "asam", "tram-x", "tram-theta-prev", "tram-theta0", "tram-fisher")
 
@@ -60,16 +64,42 @@ REPORT = {}
 def runs():
     t0 = time.perf_counter()
     single = H.run_single(H.METHODS, STEPS)
+    single_clip = H.run_single(CLIP_METHODS, STEPS, step_kwargs=CLIP)
     jobs2 = [(e, m, 1) for e in H.ENGINES_FP32 + H.ENGINES_BF16 for m in H.METHODS]
     jobs2 += [(e, m, 2) for e in ACCUM_ENGINES for m in ACCUM_METHODS]
     jobs2 += [(e, m, 1, o) for e, o in ZERO_VARIANTS for m in ZERO_VARIANT_METHODS]
+    jobs2 += [(e, m, 1, None, CLIP) for e in CLIP_ENGINES for m in CLIP_METHODS]
     world2 = H.spawn(H.run_jobs, 2, jobs2, STEPS)
     jobs1 = [(e, m, 1) for e in H.ENGINES_BF16 for m in H.METHODS]
     jobs1 += [(e, m, 1, o) for e, o in ZERO_VARIANTS if e.endswith("bf16") for m in ZERO_VARIANT_METHODS]
     world1 = H.spawn(H.run_jobs, 1, jobs1, STEPS)
     world4 = H.spawn(H.run_jobs, 4, [(e, m, 1) for e in WORLD4_ENGINES for m in WORLD4_METHODS], STEPS)
     REPORT["seconds"] = time.perf_counter() - t0
-    return {"single": single, 1: world1, 2: world2, 4: world4}
+    runs = {"single": single, "single_clip": single_clip, 1: world1, 2: world2, 4: world4}
+    if os.environ.get("TRAM_ENGINES_REPORT"):  # the measured differences, for docs/engines.md
+        with open(os.environ["TRAM_ENGINES_REPORT"], "w") as f:
+            json.dump(_summary(runs), f, indent=1)
+    return runs
+
+
+def _summary(runs):
+    rows = []
+    for world in (2, 4):
+        for key, got in runs[world].items():
+            engine, method, accum = key[:3]
+            if engine.endswith("bf16"):
+                ref = runs[1].get(key)
+            else:
+                ref = runs["single"][("single", method)]
+            if ref is None:
+                continue
+            norm = H.metric_rel_diff(got["metrics"], ref["metrics"], "grad_norm")
+            rows.append({"world": world, "engine": engine, "method": method, "accum": accum,
+                         "settings": str(key[3]) if len(key) > 3 else "",
+                         "reference": "1 rank" if engine.endswith("bf16") else "single process",
+                         "param_max_rel": H.max_rel_diff(got["params"], ref["params"]),
+                         "norm_max_rel": norm})
+    return rows
 
 
 def _theta0():
@@ -167,6 +197,20 @@ def test_zero_settings(runs, variant, method):
         REPORT[(engine, method, str(overrides))] = err
         assert err <= FP32_RTOL, (key, err)
         _check_metrics(got["metrics"], ref["metrics"], FP32_RTOL, str(key))
+
+
+@pytest.mark.parametrize("engine", CLIP_ENGINES)
+@pytest.mark.parametrize("method", CLIP_METHODS)
+def test_clipping_uses_the_global_norm(runs, engine, method):
+    """TrainStep(max_grad_norm=...) clips the descent gradient by its global norm: sharded
+    engines sum the slices' squares over the group (one all-reduce)."""
+    got = runs[2][(engine, method, 1, "max_grad_norm")]
+    ref = runs["single_clip"][("single", method)]
+    err = H.max_rel_diff(got["params"], ref["params"])
+    assert err <= FP32_RTOL, (engine, method, err)
+    worst = H.metric_rel_diff(got["metrics"], ref["metrics"], "clip_norm")
+    assert worst is not None and worst <= FP32_RTOL, (engine, method, worst)
+    assert all(m["clip_norm"] > CLIP["max_grad_norm"] for m in ref["metrics"])
 
 
 def test_norm_is_global_not_per_shard(runs):

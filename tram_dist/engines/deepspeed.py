@@ -40,7 +40,9 @@ off because ``TrainStep`` weights micro-batches by their token share.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+import json
+import os
+from typing import List
 
 import torch
 import torch.distributed as dist
@@ -251,7 +253,12 @@ def initialize(model, method=None, config=None, *, base_optimizer=torch.optim.Ad
     if method is not None:
         names = set(method.hyperparameters) | {"on_nonfinite"}
         own = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+    if isinstance(config, (str, os.PathLike)):
+        with open(config) as f:
+            config = json.load(f)
     if isinstance(config, dict):
+        # the base optimizer is a client optimizer built here; DeepSpeed's own section would
+        # compete with it
         config = {k: v for k, v in config.items() if k not in ("optimizer", "_comments")}
     params = model_parameters if model_parameters is not None else [p for p in model.parameters() if p.requires_grad]
     base = base_optimizer(params, **kwargs)
