@@ -122,4 +122,10 @@ class Engine:
         return norm
 
     def base_step(self, scaler=None) -> None:
-        raise NotImplementedError
+        """The base optimizer's step on the current (pass-2) gradients; engines whose step
+        lives elsewhere (DeepSpeed) override it."""
+        base = getattr(self.optimizer, "base", self.optimizer)
+        if scaler is not None:
+            scaler.step(base)
+        else:
+            base.step()

@@ -84,10 +84,3 @@ class FSDP1Engine(Engine):
 
     def backward(self, model, loss: Tensor, *, sync: bool = True) -> None:
         loss.backward()  # reduce-scatter on every micro-batch
-
-    def base_step(self, scaler=None) -> None:
-        base = getattr(self.optimizer, "base", self.optimizer)
-        if scaler is not None:
-            scaler.step(base)
-        else:
-            base.step()

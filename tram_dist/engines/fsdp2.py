@@ -108,10 +108,3 @@ class FSDP2Engine(Engine):
 
     def backward(self, model, loss: Tensor, *, sync: bool = True) -> None:
         loss.backward()  # reduce-scatter on every micro-batch; grads accumulate sharded
-
-    def base_step(self, scaler=None) -> None:
-        base = getattr(self.optimizer, "base", self.optimizer)
-        if scaler is not None:
-            scaler.step(base)
-        else:
-            base.step()

@@ -33,10 +33,3 @@ class LocalEngine(Engine):
         for group in self.optimizer.param_groups:
             for p in group["params"]:
                 p.grad = None
-
-    def base_step(self, scaler=None) -> None:
-        base = getattr(self.optimizer, "base", self.optimizer)
-        if scaler is not None:
-            scaler.step(base)
-        else:
-            base.step()
