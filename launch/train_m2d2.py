@@ -9,12 +9,19 @@ Single process (CPU or one GPU; the offline preset runs in a few minutes on a la
 One node, N GPUs, DistributedDataParallel:
     torchrun --nproc_per_node N launch/train_m2d2.py --config configs/gpt2_s2orc_math.yaml
 
-One node, N GPUs, DeepSpeed ZeRO-2 (also zero1.json, zero3.json, zero3_offload.json):
+One node, N GPUs, DeepSpeed ZeRO-2 (also zero1.json, zero3.json; bf16 follows --bf16):
     deepspeed --num_gpus N launch/train_m2d2.py --deepspeed configs/zero2.json \\
         --config configs/gpt2_s2orc_math.yaml
 
-One node, N GPUs, FSDP2 (fully_shard):
+One node, N GPUs, FSDP2 (fully_shard per transformer block, then the root; --bf16: bf16 compute
+copies, fp32 sharded masters and gradient reduction):
     torchrun --nproc_per_node N launch/train_m2d2.py --fsdp --config configs/gpt2_s2orc_math.yaml
+
+On CPU (gloo) the same commands run with DS_ACCELERATOR=cpu (and --num_gpus N given explicitly
+to deepspeed); `python launch/train_m2d2.py --fsdp` / `--deepspeed FILE` is a world of one.
+--fsdp under the deepspeed launcher is an error. The engines live in tram_dist/runs.py;
+--max-grad-norm is applied by the TRAM step under every engine (DeepSpeed's own
+gradient_clipping is set to 0), and the LR schedule is stepped here once per optimizer step.
 
 Two nodes (run on each node, R = 0 or 1, H:P = host and port of node 0; --output-dir and
 --cache-dir must be on a shared file system, or each node tokenizes into its own cache):
@@ -32,13 +39,15 @@ accumulation steps follow from it and the world size (or from --micro-batch-size
 --grad-accum). Flags override the --config preset. Output in --output-dir: metrics.jsonl
 (one line per step), evals.jsonl, eval.json / eval.md (the evaluation selected by the
 training domain's validation perplexity, as in the paper), config.yaml (the resolved run),
-checkpoint-*/ (every --save-interval steps, last --keep-checkpoints kept) and final/
-(save_pretrained, safetensors).
+checkpoint-*/ (every --save-interval steps, last --keep-checkpoints kept; --resume under the
+engine that wrote it, ZeRO on the same number of ranks) and final/ (save_pretrained,
+safetensors, full fp32 weights written by rank 0 under every engine).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -61,7 +70,8 @@ from tram_dist.data.m2d2 import LocalSource
 from tram_dist.ds_config import DsConfigError, resolve_ds_config
 from tram_dist.evaluate import (eval_summary, evaluate_domains, evaluate_loss, json_safe,
                                 write_eval_json, write_eval_md)
-from tram_dist.methods import METHODS, build_method
+from tram_dist.methods import METHODS
+from tram_dist.runs import RunError, build_run, check_ds_config
 
 LR_END = 1e-7  # polynomial decay's final lr (Hugging Face's default for this schedule)
 LR_POWER = 1.0  # polynomial decay power (1 = linear decay, HF and fairseq default)
@@ -217,19 +227,28 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed() -> Dist:
+def init_distributed(sharded: bool = False) -> Dist:
     """torch.distributed from the torchrun / deepspeed launcher environment: nccl on CUDA,
-    gloo on CPU. A plain `python` start is a world of one without a process group."""
+    gloo on CPU. A plain `python` start is a world of one without a process group, except for
+    the sharded engines (--fsdp, --deepspeed), which get a process group of one."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu"  # DeepSpeed on CPU
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or sharded) and not dist.is_initialized():
         # Long timeout: rank 0 tokenizes a domain once (1B tokens: tens of minutes) while the
         # other ranks wait in a collective.
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=2))
+        kwargs = {}
+        if world == 1 and "MASTER_ADDR" not in os.environ:  # plain `python`: a group of one
+            import socket
+
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                kwargs = dict(init_method=f"tcp://127.0.0.1:{s.getsockname()[1]}", rank=0, world_size=1)
+            os.environ.setdefault("LOCAL_RANK", "0")  # deepspeed.initialize asserts it
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=2), **kwargs)
     if dist.is_initialized():
         return Dist(dist.get_rank(), dist.get_world_size(), local, device)
     return Dist(device=device)
@@ -286,73 +305,6 @@ def _first_line(e: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# engines: the only engine-specific code of the launcher
-# ---------------------------------------------------------------------------------------------
-class LocalRun:
-    """Single process or DDP: whole parameters on every rank, rank 0 writes checkpoints.
-
-    The same interface is expected from ``tram_dist.engines.build_engine`` for FSDP2 and
-    DeepSpeed: .model (called for forward), .eval_model, .module (the Hugging Face model),
-    .optimizer, .step (a TrainStep), save_checkpoint(dir, client_state),
-    load_checkpoint(dir) -> client_state, save_final(dir, tokenizer).
-    """
-
-    def __init__(self, kind: str, module, d: Dist, args, method_kwargs: dict):
-        from tram_dist.step import TrainStep
-
-        self.kind, self.module, self.dist = kind, module.to(d.device), d
-        self.model = self.module
-        if kind == "ddp":
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            self.model = DDP(self.module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
-        self.eval_model = self.module  # no-grad forwards need no DDP hooks
-        kwargs = dict(method_kwargs)
-        divergence = kwargs.pop("divergence", "kl")  # a TrainStep option, the rest build_method's
-        self.optimizer, self.trust_region = build_method(
-            args.method, self.module, lr=args.lr, betas=tuple(args.betas),
-            weight_decay=args.weight_decay, sigma=args.sigma, **kwargs)
-        self.step = TrainStep(self.model, self.optimizer, trust_region=self.trust_region,
-                              divergence=divergence,
-                              autocast_dtype=torch.bfloat16 if args.bf16 else None,
-                              max_grad_norm=args.max_grad_norm, seed=args.seed)
-
-    def save_checkpoint(self, path: Path, client_state: dict) -> None:
-        if self.dist.main:
-            torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                        "client": client_state}, path / "state.pt")
-
-    def load_checkpoint(self, path: Path) -> dict:
-        state = torch.load(path / "state.pt", map_location=self.dist.device, weights_only=False)
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        return state["client"]
-
-    def save_final(self, path: Path, tokenizer) -> None:
-        if self.dist.main:
-            self.module.save_pretrained(path, safe_serialization=True)
-            tokenizer.save_pretrained(path)
-
-
-def sharded_builder(kind: str):
-    """tram_dist.engines.build_engine, the FSDP2 / DeepSpeed counterpart of LocalRun."""
-    try:
-        from tram_dist.engines import build_engine as build_sharded
-    except ImportError as e:
-        raise UsageError(f"--{kind} needs tram_dist.engines.build_engine, which this version "
-                         "lacks; run single-process or with torchrun (DDP)") from e
-    return build_sharded
-
-
-def build_engine(kind: str, module, d: Dist, args, method_kwargs: dict, ds_config: dict | None):
-    """single / ddp here; fsdp / deepspeed from tram_dist.engines (same interface as LocalRun)."""
-    if kind in ("single", "ddp"):
-        return LocalRun(kind, module, d, args, method_kwargs)
-    return sharded_builder(kind)(kind, module, dist=d, args=args, method_kwargs=method_kwargs,
-                                 ds_config=ds_config)
-
-
-# ---------------------------------------------------------------------------------------------
 # checkpoints
 # ---------------------------------------------------------------------------------------------
 CKPT = re.compile(r"^checkpoint-(\d+)$")
@@ -377,6 +329,7 @@ def save_checkpoint(run, out: Path, step: int, client_state: dict, d: Dist, keep
     if d.main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+        (tmp / "engine.json").write_text(json.dumps({"engine": run.kind, "world_size": d.world_size}) + "\n")
     barrier()
     run.save_checkpoint(tmp, client_state)
     torch.save(_rng_state(), tmp / f"rng_rank{d.rank}.pt")
@@ -389,6 +342,23 @@ def save_checkpoint(run, out: Path, step: int, client_state: dict, d: Dist, keep
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
+
+
+FAMILY = {"single": "single/ddp", "ddp": "single/ddp", "fsdp": "fsdp", "deepspeed": "deepspeed"}
+
+
+def check_resume(path: Path, kind: str, d: Dist) -> None:
+    """A checkpoint resumes under the engine that wrote it (ZeRO: also the same world size)."""
+    meta = path / "engine.json"
+    if not meta.is_file():
+        return
+    saved = json.loads(meta.read_text())
+    if FAMILY.get(saved.get("engine")) != FAMILY[kind]:
+        raise UsageError(f"--resume {path} was written by the {saved.get('engine')} engine, this run is "
+                         f"{kind}; resume with the same engine")
+    if kind == "deepspeed" and saved.get("world_size") != d.world_size:
+        raise UsageError(f"--resume {path} holds ZeRO state of {saved.get('world_size')} ranks, this run "
+                         f"has {d.world_size}; resume on the same number of ranks")
 
 
 def find_resume(resume: str, out: Path) -> Path:
@@ -469,10 +439,23 @@ def _method_kwargs(pairs: list[str]) -> dict:
     return out
 
 
-def plan(args, d: Dist) -> Plan:
-    """Check every input (flags, data, model config, batch layout, DeepSpeed preset)."""
+def launched_by_deepspeed(args) -> bool:
+    """The deepspeed launcher passes --local_rank (torchrun does not) and sets CROSS_RANK."""
+    return args.local_rank is not None or "CROSS_RANK" in os.environ
+
+
+def check_engine_flags(args) -> None:
+    """The engine flags against each other and the launcher (before any process group)."""
     if args.deepspeed and args.fsdp:
         raise UsageError("--deepspeed and --fsdp both given; pick one engine")
+    if args.fsdp and launched_by_deepspeed(args):
+        raise UsageError("--fsdp under the deepspeed launcher; start FSDP2 with torchrun --nproc_per_node "
+                         "N launch/train_m2d2.py --fsdp, or pass --deepspeed configs/zero2.json")
+
+
+def plan(args, d: Dist) -> Plan:
+    """Check every input (flags, data, model config, batch layout, DeepSpeed preset)."""
+    check_engine_flags(args)
     kind = "deepspeed" if args.deepspeed else "fsdp" if args.fsdp else "ddp" if d.world_size > 1 else "single"
     for name in ("max_steps", "warmup_steps", "eval_interval", "save_interval", "keep_checkpoints"):
         if getattr(args, name) < 0:
@@ -536,9 +519,14 @@ def plan(args, d: Dist) -> Plan:
             eps=method_kwargs.get("eps", 1e-8), weight_decay=args.weight_decay,
             max_grad_norm=args.max_grad_norm, bf16=args.bf16,
             hidden_size=getattr(config, "hidden_size", None))
+        check_ds_config(ds_config, args.deepspeed)
+        ds_config["gradient_clipping"] = 0.0  # checked against --max-grad-norm; the TRAM step clips
+        if importlib.util.find_spec("deepspeed") is None:
+            raise UsageError("--deepspeed needs the deepspeed package: pip install --no-build-isolation "
+                             "deepspeed")
     resume = find_resume(args.resume, Path(args.output_dir)) if args.resume else None
-    if kind in ("fsdp", "deepspeed"):
-        sharded_builder(kind)  # fail now, not after tokenization
+    if resume is not None:
+        check_resume(resume, kind, d)
     return Plan(args, kind, tokenizer, source, config, block, micro, accum, domains,
                 method_kwargs, ds_config, resume)
 
@@ -583,10 +571,13 @@ def train(p: Plan, d: Dist) -> dict:
 
     module = build_model(args.model, p.config, args.seed)
     try:
-        run = build_engine(p.kind, module, d, args, p.method_kwargs, p.ds_config)
+        run = build_run(p.kind, module, dist=d, args=args, method_kwargs=p.method_kwargs,
+                        ds_config=p.ds_config)
     except (ValueError, TypeError) as e:  # bad method options, checked by build_method / TrainStep
         if isinstance(e, (DataError, DsConfigError, UsageError)):
             raise
+        if isinstance(e, RunError):
+            raise UsageError(str(e)) from e
         raise UsageError(f"--method {args.method}: {_first_line(e)}") from e
     scheduler = None
     if args.max_steps:
@@ -698,10 +689,11 @@ def train(p: Plan, d: Dist) -> dict:
 
 
 def main(argv=None) -> int:
-    d = Dist()
+    d = Dist(rank=int(os.environ.get("RANK", "0")))  # errors before the process group: rank 0 prints
     try:
         args = parse_args(argv)
-        d = init_distributed()
+        check_engine_flags(args)
+        d = init_distributed(sharded=bool(args.fsdp or args.deepspeed))
         p = plan(args, d)
         train(p, d)
     except (DataError, DsConfigError, UsageError) as e:

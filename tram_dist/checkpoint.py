@@ -121,6 +121,9 @@ def load_checkpoint(directory: str, model, optimizer, *, tag: Optional[str] = No
             saved = torch.load(tram_path, map_location="cpu", weights_only=False)
             _check_world(saved, tram_path)
             optimizer.load_tram_state_dict(saved["tram"])
+            # DeepSpeed's load rebuilds the base optimizer's group dicts: share them again, so
+            # an LR scheduler on the TRAM optimizer keeps driving the base after a resume.
+            optimizer.param_groups = optimizer.base.param_groups
         return client or {}
     path = os.path.join(directory, tag or "latest")
     if isinstance(engine, FSDP2Engine):
@@ -132,6 +135,7 @@ def load_checkpoint(directory: str, model, optimizer, *, tag: Optional[str] = No
             saved = torch.load(tram_path, map_location="cpu", weights_only=False)
             _check_world(saved, tram_path)
             optimizer.load_tram_state_dict(saved["tram"])
+            optimizer.param_groups = optimizer.base.param_groups
         return client
     state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
     _inner(model).load_state_dict(state["model"])

@@ -529,6 +529,9 @@ def checkpoint_resume(rank: int, world: int, jobs, directory: str) -> Dict:
             "max_abs_diff": max(float((params[k] - full_params[k]).abs().max()) for k in full_params),
             "metrics": (resumed_metrics[0], full_metrics[2]),
             "step_count": getattr(resumed.optimizer, "step_count", None),
+            # an LR scheduler on the TRAM optimizer must still drive the base after a resume
+            "groups_shared": (not hasattr(resumed.optimizer, "base")
+                              or resumed.optimizer.param_groups is resumed.optimizer.base.param_groups),
         }
         del resumed
     return out

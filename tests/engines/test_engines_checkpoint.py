@@ -25,6 +25,7 @@ def test_resume_continues_exactly(resumed, engine, method):
     for key in ("loss", "perturbed_loss", "divergence", "grad_norm", "eps_norm"):
         assert got[key] == ref[key], (key, got[key], ref[key])
     assert r["step_count"] == 3
+    assert r["groups_shared"], "param_groups no longer shared with the base optimizer after load"
 
 
 @pytest.mark.parametrize("method", ("tram-theta-prev", "tram-ema"))

@@ -69,9 +69,18 @@ def test_deepspeed_preset_contradicting_the_run(capsys, tmp_path):
     assert "train_batch_size is 32 but the run has --batch-size=16" in err
 
 
-def test_sharded_engine_missing_or_present(capsys, tmp_path):
-    if not hasattr(importlib.import_module("tram_dist.engines"), "build_engine"):
-        assert "needs tram_dist.engines.build_engine" in fails(["--fsdp"], capsys, tmp_path)
+def test_fsdp_under_the_deepspeed_launcher(capsys, tmp_path):
+    # the deepspeed launcher passes --local_rank; tests/launch/test_train_m2d2_sharded.py runs it
+    assert "--fsdp under the deepspeed launcher" in fails(["--fsdp", "--local_rank=0"], capsys, tmp_path)
+
+
+def test_deepspeed_config_the_tram_engine_cannot_run(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "0")  # a process group of one is started before the check
+    err = fails(["--deepspeed", str(ROOT / "configs" / "zero3_offload.json")], capsys, tmp_path)
+    assert "offload_optimizer.device is 'cpu'; offload is not supported" in err
+    cfg = tmp_path / "ds.json"
+    cfg.write_text(json.dumps({"zero_optimization": {"stage": 0}}))
+    assert "zero_optimization.stage is 0" in fails(["--deepspeed", str(cfg)], capsys, tmp_path)
 
 
 def test_hub_offline(capsys, tmp_path, monkeypatch):
@@ -110,3 +119,11 @@ def test_every_preset_value_has_a_comment():
         for line in path.read_text().splitlines():
             if line and not line.startswith(("#", " ", "-")) and ":" in line:
                 assert "#" in line, (path.name, line)
+
+
+def test_resume_under_another_engine(capsys, tmp_path):
+    ckpt = tmp_path / "checkpoint-00000002"
+    ckpt.mkdir()
+    (ckpt / "engine.json").write_text(json.dumps({"engine": "fsdp", "world_size": 2}))
+    err = fails(["--resume", str(ckpt)], capsys, tmp_path)
+    assert "was written by the fsdp engine, this run is single; resume with the same engine" in err

@@ -1,0 +1,354 @@
+"""Run assembly for launchers: one Hugging Face model, its optimizer and a ``TrainStep`` under
+one engine, with checkpoints and a consolidated ``save_pretrained`` export.
+
+    run = build_run(kind, module, dist=d, args=args, method_kwargs={...}, ds_config=cfg)
+    metrics = run.step(micro_batches)              # one optimizer step
+    run.save_checkpoint(folder, client_state)      # every rank calls
+    client_state = run.load_checkpoint(folder)
+    run.save_final(folder, tokenizer)              # every rank calls; rank 0 writes
+
+==========  ==================  ===============================================================
+kind        class               engine
+==========  ==================  ===============================================================
+single      ``LocalRun``        one process, whole parameters
+ddp         ``LocalRun``        ``DistributedDataParallel``; rank 0 writes ``state.pt``
+fsdp        ``FSDP2Run``        ``fully_shard`` on every transformer block, then the root; bf16
+                                (``--bf16``): ``MixedPrecisionPolicy(param_dtype=bf16,
+                                reduce_dtype=fp32)`` with fp32 sharded masters
+deepspeed   ``DeepSpeedRun``    ZeRO-1/2/3 (``tram_dist.engines.deepspeed.initialize``)
+==========  ==================  ===============================================================
+
+Interface (what a launcher uses):
+
+* ``model``: called for the training forward (DDP / FSDP2 module / DeepSpeed engine);
+  ``eval_model``: called for no-grad evaluation forwards; ``module``: the Hugging Face model.
+* ``optimizer``: the torch optimizer whose ``param_groups`` carry the learning rate, i.e. what
+  an LR scheduler wraps (under DeepSpeed: the base optimizer ZeRO steps; see ``DeepSpeedRun``).
+* ``step``: the ``TrainStep``; ``step.optimizer`` is the optimizer it drives.
+* ``save_checkpoint(dir, client_state)`` / ``load_checkpoint(dir) -> client_state``: every rank
+  calls; single/DDP write ``dir/state.pt``, FSDP2 and DeepSpeed go through
+  ``tram_dist.checkpoint`` (``dir/dcp``: torch.distributed.checkpoint; ``dir/zero``: DeepSpeed's
+  folder plus per-rank TRAM files).
+* ``save_final(dir, tokenizer)``: every rank calls; rank 0 writes ``save_pretrained`` (safetensors)
+  with full fp32 weights under every engine (FSDP2: the full state dict gathered to rank 0;
+  ZeRO-1/2/3: the fp32 master weights, gathered parameter by parameter).
+
+Gradient clipping (``--max-grad-norm``) is done by ``TrainStep`` under every engine (the same
+norm and formula, reported as ``clip_norm``); DeepSpeed's own ``gradient_clipping`` is set to 0
+so that the gradients are not clipped twice. The LR schedule is the launcher's: no scheduler is
+given to DeepSpeed, so ``ds_engine.step()`` never steps one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from .ds_config import DsConfigError, zero_stage
+from .methods import build_method
+from .optim import PerturbedOptimizer
+from .step import TrainStep
+
+KINDS = ("single", "ddp", "fsdp", "deepspeed")
+
+
+class RunError(ValueError):
+    """A model or setting the chosen engine cannot run; one line with the fix."""
+
+
+def _split_method_kwargs(method_kwargs: dict) -> tuple[dict, str]:
+    kwargs = dict(method_kwargs)
+    divergence = kwargs.pop("divergence", "kl")  # a TrainStep option, the rest build_method's
+    return kwargs, divergence
+
+
+def _autocast(args):
+    return torch.bfloat16 if args.bf16 else None
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _persistent_buffers(module) -> dict:
+    out = {}
+    for prefix, m in module.named_modules():
+        for name, b in m.named_buffers(recurse=False):
+            if b is not None and name not in m._non_persistent_buffers_set:
+                out[f"{prefix}.{name}" if prefix else name] = b
+    return out
+
+
+def _write_pretrained(module, state_dict: dict, path: Path, tokenizer) -> None:
+    """``save_pretrained`` of ``module``'s class and config with ``state_dict`` (rank 0 only);
+    the config's dtype is that of the saved tensors (fp32), not the working dtype."""
+    floating = [t.dtype for t in state_dict.values() if torch.is_tensor(t) and t.is_floating_point()]
+    module.save_pretrained(path, state_dict=state_dict)  # may empty state_dict
+    if floating:
+        config = json.loads((Path(path) / "config.json").read_text())
+        dtype = str(floating[0]).removeprefix("torch.")
+        if config.get("dtype", dtype) != dtype:
+            config["dtype"] = dtype
+            (Path(path) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tokenizer.save_pretrained(path)
+
+
+def _tie_aliases(module, state_dict: dict) -> dict:
+    """Tied parameters (GPT-2's lm_head / wte) share one tensor, as in ``module.state_dict()``,
+    so that ``save_pretrained`` drops the alias."""
+    first = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        primary = first.setdefault(id(p), name)
+        if primary != name and primary in state_dict:
+            state_dict[name] = state_dict[primary]
+    return state_dict
+
+
+# ---------------------------------------------------------------------------------------------
+# single process / DDP
+# ---------------------------------------------------------------------------------------------
+class LocalRun:
+    """Single process or DDP: whole parameters on every rank, rank 0 writes checkpoints."""
+
+    def __init__(self, kind: str, module, d, args, method_kwargs: dict):
+        self.kind, self.module, self.dist = kind, module.to(d.device), d
+        self.model = self.module
+        if kind == "ddp":
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.model = DDP(self.module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+        self.eval_model = self.module  # no-grad forwards need no DDP hooks
+        kwargs, divergence = _split_method_kwargs(method_kwargs)
+        self.optimizer, self.trust_region = build_method(
+            args.method, self.module, lr=args.lr, betas=tuple(args.betas),
+            weight_decay=args.weight_decay, sigma=args.sigma, **kwargs)
+        self.step = TrainStep(self.model, self.optimizer, trust_region=self.trust_region,
+                              divergence=divergence, autocast_dtype=_autocast(args),
+                              max_grad_norm=args.max_grad_norm, seed=args.seed)
+
+    def save_checkpoint(self, path: Path, client_state: dict) -> None:
+        if self.dist.main:
+            torch.save({"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                        "client": client_state}, Path(path) / "state.pt")
+
+    def load_checkpoint(self, path: Path) -> dict:
+        state = torch.load(Path(path) / "state.pt", map_location=self.dist.device, weights_only=False)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        return state["client"]
+
+    def save_final(self, path: Path, tokenizer) -> None:
+        if self.dist.main:
+            self.module.save_pretrained(path, safe_serialization=True)
+            tokenizer.save_pretrained(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# FSDP2
+# ---------------------------------------------------------------------------------------------
+def transformer_blocks(module) -> list:
+    """The blocks to shard one by one: the classes the model lists in ``_no_split_modules``
+    (GPT2Block, ...), else GPT-2's ``transformer.h``."""
+    names = set(getattr(module, "_no_split_modules", None) or ())
+    blocks = [m for m in module.modules() if type(m).__name__ in names and m is not module]
+    if not blocks and hasattr(getattr(module, "transformer", None), "h"):
+        blocks = list(module.transformer.h)
+    if not blocks:
+        raise RunError(f"--fsdp: cannot find the transformer blocks of {type(module).__name__} "
+                         "(no _no_split_modules); shard it by hand or run with DDP / --deepspeed")
+    return blocks
+
+
+class FSDP2Run:
+    """``fully_shard`` each transformer block, then the root, over a 1-D mesh of every rank.
+
+    The sharded fp32 parameters are TRAM's masters (``FSDP2Engine``, chosen by TrainStep for
+    DTensor parameters). ``--bf16``: the all-gathered compute copies are bf16, gradients are
+    reduce-scattered in fp32, and the passes run under bf16 autocast like the other engines."""
+
+    kind = "fsdp"
+
+    def __init__(self, module, d, args, method_kwargs: dict):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RunError("FSDP2 needs an initialised process group (start with torchrun)")
+        self.dist = d
+        module = module.to(d.device)
+        mesh = init_device_mesh(d.device.type, (dist.get_world_size(),))
+        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if args.bf16 else MixedPrecisionPolicy())
+        for block in transformer_blocks(module):
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(module, mesh=mesh, mp_policy=mp)
+        self.module = self.model = self.eval_model = module  # forwards are collective: every rank runs them
+        kwargs, divergence = _split_method_kwargs(method_kwargs)
+        self.optimizer, self.trust_region = build_method(
+            args.method, module, lr=args.lr, betas=tuple(args.betas),
+            weight_decay=args.weight_decay, sigma=args.sigma, **kwargs)
+        self.step = TrainStep(module, self.optimizer, trust_region=self.trust_region,
+                              divergence=divergence, autocast_dtype=_autocast(args),
+                              max_grad_norm=args.max_grad_norm, seed=args.seed)
+
+    def _reshard(self) -> None:
+        # a no-grad forward (evaluation) leaves the root unit gathered: state dicts want shards
+        from torch.distributed.fsdp import FSDPModule
+
+        for m in self.module.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
+
+    def save_checkpoint(self, path: Path, client_state: dict) -> None:
+        from .checkpoint import save_checkpoint
+
+        self._reshard()
+        save_checkpoint(str(path), self.module, self.optimizer, tag="dcp", client_state=client_state)
+
+    def load_checkpoint(self, path: Path) -> dict:
+        from .checkpoint import load_checkpoint
+
+        self._reshard()
+        return load_checkpoint(str(path), self.module, self.optimizer, tag="dcp")
+
+    def save_final(self, path: Path, tokenizer) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        self._reshard()
+        state = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True,
+                                                                           cpu_offload=True))
+        if self.dist.main:  # the other ranks receive an empty dict
+            _write_pretrained(self.module, _tie_aliases(self.module, state), path, tokenizer)
+        del state
+        _barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed ZeRO
+# ---------------------------------------------------------------------------------------------
+def check_ds_config(cfg: dict, source: str = "DeepSpeed config") -> None:
+    """What the TRAM ZeRO engine supports, checked before any data is tokenized."""
+    stage = zero_stage(cfg)
+    if stage not in (1, 2, 3):
+        raise DsConfigError(f"{source}: zero_optimization.stage is {stage}; tram_dist runs ZeRO stage 1, 2 "
+                            "or 3 (without ZeRO, launch with torchrun for DDP)")
+    zero = cfg.get("zero_optimization", {})
+    for key in ("offload_optimizer", "offload_param"):
+        device = (zero.get(key) or {}).get("device", "none")
+        if device not in (None, "none"):
+            raise DsConfigError(f"{source}: zero_optimization.{key}.device is {device!r}; offload is not "
+                                "supported by the TRAM ZeRO engine yet: use configs/zero3.json")
+    if cfg.get("fp16", {}).get("enabled") is True:
+        raise DsConfigError(f"{source}: fp16.enabled is true; TRAM runs in bf16 (--bf16) or fp32, set "
+                            "fp16.enabled to false")
+
+
+def method_spec(args, method_kwargs: dict):
+    """``(optimizer class or None, its hyperparameters, trust region, divergence)`` of
+    ``args.method``, from ``build_method`` on a one-element probe parameter: the names, defaults
+    and checks of the methods live in ``tram_dist.methods`` only."""
+    kwargs, divergence = _split_method_kwargs(method_kwargs)
+    probe, trust_region = build_method(args.method, [torch.nn.Parameter(torch.zeros(1))], lr=args.lr,
+                                       betas=tuple(args.betas), weight_decay=args.weight_decay,
+                                       sigma=args.sigma, **kwargs)
+    if not isinstance(probe, PerturbedOptimizer):
+        return None, {}, trust_region, divergence
+    cls = type(probe)
+    hyper = {k: probe.defaults[k] for k in cls.hyperparameters}
+    hyper["on_nonfinite"] = probe.on_nonfinite
+    return cls, hyper, trust_region, divergence
+
+
+class DeepSpeedRun:
+    """DeepSpeed ZeRO-1/2/3 with the TRAM ZeRO engine (``tram_dist.engines.deepspeed``).
+
+    ``optimizer`` is the base torch optimizer that ZeRO steps (its ``param_groups`` are the ones
+    every ZeRO step reads, also after a checkpoint load rebuilt them): the LR scheduler wraps it.
+    ``step.optimizer`` is the TRAM wrapper (or, for the AdamW baseline, DeepSpeed's ZeRO
+    optimizer), which checkpoints go through."""
+
+    kind = "deepspeed"
+
+    def __init__(self, module, d, args, method_kwargs: dict, ds_config: dict):
+        import deepspeed
+
+        from .engines import deepspeed as tram_ds
+
+        deepspeed.utils.logger.setLevel(logging.WARNING)
+        check_ds_config(ds_config)
+        config = dict(ds_config)
+        config["gradient_clipping"] = 0.0  # TrainStep clips (--max-grad-norm); DeepSpeed must not clip again
+        self.dist = d
+        cls, hyper, self.trust_region, divergence = method_spec(args, method_kwargs)
+        base = dict(lr=args.lr, betas=tuple(args.betas), eps=method_kwargs.get("eps", 1e-8),
+                    weight_decay=args.weight_decay)
+        self.ds_engine, train_optimizer, self.engine = tram_ds.initialize(
+            module.to(d.device), cls, config, base_optimizer=torch.optim.AdamW, **base, **hyper)
+        self.module = self.ds_engine.module
+        self.model = self.eval_model = self.ds_engine  # ZeRO-3 forwards are collective
+        self.optimizer = self.ds_engine.optimizer.optimizer  # the base AdamW: what the schedule drives
+        self.step = TrainStep(self.ds_engine, train_optimizer, trust_region=self.trust_region,
+                              divergence=divergence, autocast_dtype=_autocast(args),
+                              max_grad_norm=args.max_grad_norm, seed=args.seed, engine=self.engine)
+
+    def save_checkpoint(self, path: Path, client_state: dict) -> None:
+        from .checkpoint import save_checkpoint
+
+        save_checkpoint(str(path), self.ds_engine, self.step.optimizer, tag="zero",
+                        client_state=client_state)
+
+    def load_checkpoint(self, path: Path) -> dict:
+        from .checkpoint import load_checkpoint
+
+        return load_checkpoint(str(path), self.ds_engine, self.step.optimizer, tag="zero")
+
+    def full_state_dict(self) -> dict:
+        """Full fp32 master weights (and persistent buffers); every rank calls, each parameter is
+        gathered once (rank 0 keeps them on the CPU, the others drop them)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        state, seen = {}, {}
+        for name, p in self.module.named_parameters(remove_duplicate=False):
+            if id(p) in seen:
+                if self.dist.main:
+                    state[name] = state[seen[id(p)]]
+                continue
+            seen[id(p)] = name
+            full = safe_get_full_fp32_param(p)
+            if self.dist.main:
+                state[name] = full.detach().to("cpu", torch.float32).clone()
+            del full
+        if self.dist.main:
+            for name, b in _persistent_buffers(self.module).items():
+                state.setdefault(name, b.detach().cpu().clone())
+        return state
+
+    def save_final(self, path: Path, tokenizer) -> None:
+        state = self.full_state_dict()
+        if self.dist.main:
+            _write_pretrained(self.module, state, path, tokenizer)
+        del state
+        _barrier()
+
+
+def build_run(kind: str, module, *, dist, args, method_kwargs: dict, ds_config: Optional[dict] = None) -> Any:
+    """The run for engine ``kind`` (``single``, ``ddp``, ``fsdp`` or ``deepspeed``); ``dist`` has
+    ``rank``, ``world_size``, ``device`` and ``main``."""
+    if kind in ("single", "ddp"):
+        return LocalRun(kind, module, dist, args, method_kwargs)
+    if kind == "fsdp":
+        return FSDP2Run(module, dist, args, method_kwargs)
+    if kind == "deepspeed":
+        if ds_config is None:
+            raise RunError("the deepspeed engine needs a DeepSpeed config (--deepspeed FILE)")
+        return DeepSpeedRun(module, dist, args, method_kwargs, ds_config)
+    raise RunError(f"unknown engine {kind!r}; one of {', '.join(KINDS)}")
+
+
+__all__ = ["LocalRun", "FSDP2Run", "DeepSpeedRun", "RunError", "build_run", "check_ds_config",
+           "method_spec", "transformer_blocks", "KINDS"]
