@@ -149,8 +149,10 @@ def test_perturb_matches_reference_bit_for_bit(device, dtypes, rule_eta, kt, gen
 
 
 def test_perturb_empty_lists_are_no_ops(device):
-    perturb_([], [], scale=1.0, rule="adaptive")
-    perturb_([], [], scale=1.0, rule="identity", backups=[])
+    assert perturb_([], [], scale=1.0, rule="adaptive") is None
+    assert perturb_([], [], scale=1.0, rule="identity", backups=[]) is None
+    with pytest.raises(ValueError, match="unknown perturbation rule|rule"):  # still validated
+        perturb_([], [], scale=1.0, rule="sideways")
 
 
 def test_perturb_rejects_bad_arguments(device, kt, gen):
