@@ -194,15 +194,27 @@ class TrainStep:
                 self.optimizer.restore()
             raise
 
-    def _plain_step(self, parts, counts, weights, n_local) -> StepMetrics:
-        loss_sum = 0.0
+    def _forward_backward(self, parts, counts, weights) -> Tensor:
+        """Forward + backward over every micro-batch; returns the token-weighted loss sum."""
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.engine_device())
         last = len(parts) - 1
         for i, (inputs, _) in enumerate(parts):
             with self._autocast():
                 out = self.model(**inputs)
-            loss_sum = loss_sum + out.loss.detach().float() * counts[i]
+            loss_sum += out.loss.detach().float() * counts[i]
             self._backward(out.loss, weights[i], sync=i == last)
             del out
+        return loss_sum
+
+    def _divergence_sum(self, target_logits: Tensor, logits: Tensor, inputs) -> Tensor:
+        """Sum over this micro-batch's labelled tokens of d(target || current)."""
+        mask = token_mask(logits, inputs.get("labels"), inputs.get("attention_mask"),
+                          causal=self._is_causal(logits))
+        total, _ = self.divergence(target_logits, logits, mask)
+        return total.float()
+
+    def _plain_step(self, parts, counts, weights, n_local) -> StepMetrics:
+        loss_sum = self._forward_backward(parts, counts, weights)
         clip = None
         skipped = False
         opt = self.optimizer
@@ -265,10 +277,7 @@ class TrainStep:
             for (inputs, _), logits in zip(parts, kept_logits):
                 with torch.no_grad(), self._autocast():
                     target_logits = inner(**inputs).logits
-                mask = token_mask(logits, inputs.get("labels"), inputs.get("attention_mask"),
-                                  causal=self._is_causal(logits))
-                s, _ = self.divergence(target_logits, logits, mask)
-                d_sum = d_sum + s.float().to(d_sum.device)
+                d_sum = d_sum + self._divergence_sum(target_logits, logits, inputs).to(d_sum.device)
                 del target_logits
             kept_logits.clear()
 
@@ -279,13 +288,7 @@ class TrainStep:
         ascent = opt.first_step(divergence, zero_grad=True)
 
         # pass 2: gradient at theta + eps over the same micro-batches
-        loss2_sum = 0.0
-        for i, (inputs, _) in enumerate(parts):
-            with self._autocast():
-                out = self.model(**inputs)
-            loss2_sum = loss2_sum + out.loss.detach().float() * counts[i]
-            self._backward(out.loss, weights[i], sync=i == last)
-            del out
+        loss2_sum = self._forward_backward(parts, counts, weights)
 
         before = scaler.get_scale() if scaler is not None else None
         clip = opt.second_step(scaler=scaler, max_grad_norm=self.max_grad_norm)
@@ -301,10 +304,7 @@ class TrainStep:
         with torch.no_grad(), self._autocast(), \
                 self.trust_region.applied(inner, seed=self.seed, step=step, sample_index=index):
             target_logits = inner(**inputs).logits
-        mask = token_mask(logits, inputs.get("labels"), inputs.get("attention_mask"),
-                          causal=self._is_causal(logits))
-        s, _ = self.divergence(target_logits, logits, mask)
-        return s.float()
+        return self._divergence_sum(target_logits, logits, inputs)
 
     @staticmethod
     def _metrics(step, loss_sum, loss2_sum, n_local, ascent, *, step_skipped, clip=None) -> StepMetrics:
