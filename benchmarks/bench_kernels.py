@@ -199,7 +199,10 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=5, help="CPU repeats (CUDA uses do_bench)")
     ap.add_argument("--out", default=None,
                     help="JSON path (default benchmarks/results/kernels-<device>.json)")
+    ap.add_argument("--time-budget", type=float, default=None,
+                    help="seconds: start no new size after this (the rest is listed as skipped)")
     args = ap.parse_args(argv)
+    t_start = time.perf_counter()
 
     device = torch.device(args.device)
     name = device_name(device)
@@ -212,11 +215,26 @@ def main(argv=None):
     print(f"device: {name} ({device}); kernels: {backend}; torch {torch.__version__}"
           + (f"; triton {__import__('triton').__version__}" if backend == "triton" else ""))
     if device.type == "cpu":
-        print("note: on CPU the fused ops are the torch reference; these figures check the "
-              "script, not the kernels")
+        what = "Triton's interpreter" if backend == "triton" else "the torch reference"
+        print(f"note: on CPU the fused ops are {what}; these figures check the script, not the kernels")
     head = (f"{'elements':>13} {'dtype':>9} {'variant':>16} {'ms':>10} {'GB/s':>9} "
             f"{'of copy':>8} {'extra MB':>9}")
     results, skipped = [], []
+
+    def write(complete):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        record = dict(device=name, device_type=device.type, backend=backend, rule=args.rule,
+                      torch=torch.__version__, cuda=torch.version.cuda, python=sys.version.split()[0],
+                      timer="triton.testing.do_bench median" if device.type == "cuda"
+                      else f"median of {args.reps} perf_counter runs",
+                      env={k: os.environ[k] for k in ("TRAM_KERNELS", "TRITON_INTERPRET") if k in os.environ},
+                      complete=complete, results=results, skipped=skipped)
+        if backend == "triton":
+            record["triton"] = __import__("triton").__version__
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, out)  # rewritten after every case: a run cut short keeps what it measured
+
     for dname in args.dtypes:
         dtype = DTYPES[dname]
         gdtype = dtype if args.grads == "param" else torch.float32
@@ -225,8 +243,12 @@ def main(argv=None):
             elt = max(dtype.itemsize, torch.promote_types(dtype, gdtype).itemsize)
             need = n * (3 * dtype.itemsize + gdtype.itemsize + 3 * elt)  # p, b, old_p, g, temps
             if need > 0.9 * free_bytes(device):
-                skipped.append(dict(elements=n, dtype=label, need_bytes=need))
+                skipped.append(dict(elements=n, dtype=label, need_bytes=need, reason="memory"))
                 print(f"skip {n} {label}: needs ~{need / 2**30:.1f} GiB")
+                continue
+            if args.time_budget is not None and time.perf_counter() - t_start > args.time_budget:
+                skipped.append(dict(elements=n, dtype=label, reason="time budget"))
+                print(f"skip {n} {label}: --time-budget {args.time_budget:g} s spent")
                 continue
             rows, speedup = run_case(n, dtype, gdtype, args.rule, device, bench)
             print(head)
@@ -243,17 +265,9 @@ def main(argv=None):
                                 restore=speedup["restore"]))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+            write(complete=False)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    record = dict(device=name, device_type=device.type, backend=backend, rule=args.rule,
-                  torch=torch.__version__, python=sys.version.split()[0],
-                  timer="triton.testing.do_bench median" if device.type == "cuda"
-                  else f"median of {args.reps} perf_counter runs",
-                  env={k: os.environ[k] for k in ("TRAM_KERNELS", "TRITON_INTERPRET") if k in os.environ},
-                  results=results, skipped=skipped)
-    if backend == "triton":
-        record["triton"] = __import__("triton").__version__
-    out.write_text(json.dumps(record, indent=1))
+    write(complete=True)
     print(f"wrote {out}")
 
 

@@ -17,6 +17,9 @@ perturb_(params, grads, scale, rule, eta,
                                                  params[i] <- theta + scale * w * g
 restore_(params, backups)                       params[i] <- backups[i], bit exact
 swap_in_(params, targets, backups)              backups[i] <- params[i]; params[i] <- targets[i]
+diff_sq(params, sources)                        float32 0-d tensor: sum of (params - sources)^2,
+                                                 sources rounded to the params' dtype (a metric:
+                                                 torch path only, see diff_sq.py)
 
 All arguments after the lists are keyword-only. Storage: params float32/bfloat16/float16,
 grads in the param dtype or float32, sources float32 or the param dtype; a store to another
@@ -38,10 +41,11 @@ bounds what a call allocates besides its outputs (8 MiB on the torch path).
 """
 from ._common import (BACKENDS, CHUNK, ENV_VAR, RULES, TORCH_SCRATCH_BYTES_MAX, backend,
                       scratch_bytes)
+from .diff_sq import diff_sq
 from .perturb import perturb_
 from .restore import restore_
 from .sum_sq import sum_sq
 from .swap_in import swap_in_
 
-__all__ = ["RULES", "sum_sq", "perturb_", "restore_", "swap_in_", "backend", "scratch_bytes",
+__all__ = ["RULES", "sum_sq", "diff_sq", "perturb_", "restore_", "swap_in_", "backend", "scratch_bytes",
            "BACKENDS", "CHUNK", "ENV_VAR", "TORCH_SCRATCH_BYTES_MAX"]

@@ -70,12 +70,15 @@ from tram_dist.data.m2d2 import LocalSource
 from tram_dist.ds_config import DsConfigError, resolve_ds_config
 from tram_dist.evaluate import (eval_summary, evaluate_domains, evaluate_loss, json_safe,
                                 write_eval_json, write_eval_md)
+from tram_dist.dropout import set_dropout
 from tram_dist.methods import METHODS
 from tram_dist.runs import RunError, build_run, check_ds_config
 
 LR_END = 1e-7  # polynomial decay's final lr (Hugging Face's default for this schedule)
 LR_POWER = 1.0  # polynomial decay power (1 = linear decay, HF and fairseq default)
 TINY = dict(n_positions=256, n_embd=128, n_layer=4, n_head=4)  # --model tiny (~1M params)
+METHOD_ARGS = ("rho", "eta", "nu", "radius_scale", "logit_scale", "lam", "decay", "noise", "eps",
+               "on_nonfinite", "divergence")
 
 
 class UsageError(ValueError):
@@ -95,8 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
     a("--method", default="tram-theta-prev", choices=METHODS, help="training method")
     a("--sigma", type=float, default=1e-5, help="input-noise std for tram-x / tram-fisher")
     a("--method-arg", action="append", default=[], metavar="KEY=VALUE",
-      help="method option: rho, eta, nu, noise (normal|uniform), divergence (kl, "
-      "kl-reverse, kl-symmetric, l2, mmd); repeatable")
+      help="method option: rho, eta, nu, radius_scale, logit_scale (tram-released-*), lam (a "
+      "regularizer's weight), decay (MESA's "
+      "EMA), noise (normal|uniform), divergence (kl, kl-reverse, kl-symmetric, l2, mmd); repeatable")
+    a("--target-dropout", default="shared", choices=("shared", "off", "independent"),
+      help="dropout in the trust-region target forward: 'shared' reuses the masks of the pass-1 "
+      "forward it is compared with (d measures the trust region, not dropout noise), 'off' "
+      "runs it in eval mode, 'independent' draws fresh masks (the authors' code)")
+    a("--analysis", action="store_true", default=False, help="after training, add the paper's "
+      "Table 5 analysis to eval.json / eval.md: epsilon-sharpness of the final model and the CKA "
+      "of its final hidden states to the starting model, per evaluation domain (single, DDP, FSDP2)")
+    a("--dropout", type=float, default=None, help="override every dropout probability of the "
+      "model config (GPT-2: resid/embd/attn_pdrop); default: the config's own")
     a("--data-dir", help="local M2D2-layout folder {domain}/{train,valid,test}.txt")
     a("--hub", action="store_true", default=False, help="download machelreid/m2d2 from the hub")
     a("--cache-dir", help="token cache and extracted archives (default $TRAM_DIST_CACHE or "
@@ -292,7 +305,7 @@ def build_model(name: str, config, seed: int):
     if name == "tiny":
         return GPT2LMHeadModel(config)
     try:
-        return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(name, config=config, dtype=torch.float32)
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot load --model {name!r} ({_first_line(e)}); offline: pass a local "
                          "model folder (or set HF_HUB_OFFLINE=1 to use the hub cache), or "
@@ -387,17 +400,6 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def global_losses(metrics, device) -> tuple[float, float | None]:
-    """Token-weighted mean of the per-rank losses (the step reports this rank's tokens)."""
-    loss2 = metrics.perturbed_loss
-    t = torch.tensor([metrics.loss * metrics.tokens, (loss2 or 0.0) * metrics.tokens,
-                      float(metrics.tokens)], dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    n = max(float(t[2]), 1.0)
-    return float(t[0]) / n, (float(t[1]) / n if loss2 is not None else None)
-
-
 def _fmt(v: float) -> str:
     return f"{v:.2f}" if math.isfinite(v) else str(v)
 
@@ -432,10 +434,10 @@ def _method_kwargs(pairs: list[str]) -> dict:
             raise UsageError(f"--method-arg {pair!r} must be KEY=VALUE, e.g. --method-arg rho=0.05")
         key, value = pair.split("=", 1)
         out[key.strip().replace("-", "_")] = yaml.safe_load(value)
-    unknown = set(out) - {"rho", "eta", "nu", "noise", "eps", "on_nonfinite", "divergence"}
+    unknown = set(out) - set(METHOD_ARGS)
     if unknown:
-        raise UsageError(f"--method-arg {sorted(unknown)[0]} is not a method option; use rho, "
-                         "eta, nu, noise, eps, on_nonfinite or divergence")
+        raise UsageError(f"--method-arg {sorted(unknown)[0]} is not a method option; use "
+                         f"{', '.join(METHOD_ARGS)}")
     return out
 
 
@@ -457,6 +459,9 @@ def plan(args, d: Dist) -> Plan:
     """Check every input (flags, data, model config, batch layout, DeepSpeed preset)."""
     check_engine_flags(args)
     kind = "deepspeed" if args.deepspeed else "fsdp" if args.fsdp else "ddp" if d.world_size > 1 else "single"
+    if args.analysis and kind == "deepspeed":
+        raise UsageError("--analysis (epsilon-sharpness) runs on single-process, DDP and FSDP2 runs, "
+                         "not under DeepSpeed; drop --analysis, or run the analysis with --fsdp")
     for name in ("max_steps", "warmup_steps", "eval_interval", "save_interval", "keep_checkpoints"):
         if getattr(args, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 0")
@@ -496,6 +501,11 @@ def plan(args, d: Dist) -> Plan:
 
     tokenizer = load_tokenizer(None if args.model == "tiny" else args.model)
     config = model_config(args.model, tokenizer)
+    if args.dropout is not None:
+        try:
+            set_dropout(config, args.dropout)
+        except ValueError as e:
+            raise UsageError(f"--dropout {args.dropout}: {e}") from e
     context = context_length(config)
     block = args.block_size or context
     if block is None:
@@ -635,12 +645,14 @@ def train(p: Plan, d: Dist) -> dict:
             m = run.step(batches)
             lr = run.optimizer.param_groups[0]["lr"]
             scheduler.step()
-            loss, loss2 = global_losses(m, d.device)  # also waits for the step to finish
+            loss, loss2 = m.loss, m.perturbed_loss  # global; reading them waits for the step
             dt = time.perf_counter() - t0
             step += 1
             if d.main:
                 rec = {"step": step, "epoch": epoch, "loss": loss, "perturbed_loss": loss2,
-                       "divergence": m.divergence, "grad_norm": m.grad_norm, "eps_norm": m.eps_norm,
+                       "divergence": m.divergence, "divergence_clamped": m.divergence_clamped,
+                       "radius": m.radius, "grad_norm": m.grad_norm, "eps_norm": m.eps_norm,
+                       "eps_applied": m.eps_applied,
                        "clip_norm": m.clip_norm, "ascent_skipped": m.ascent_skipped,
                        "step_skipped": m.step_skipped, "lr": lr,
                        "tokens_per_s": tokens_per_step / dt, "step_time_s": dt,
@@ -667,12 +679,18 @@ def train(p: Plan, d: Dist) -> dict:
     best = min(history, key=lambda r: (r["valid_ppl"] if math.isfinite(r["valid_ppl"]) else math.inf))
     name = args.method if args.max_steps else "zero-shot"
     summary = {k: best[k] for k in ("train_domain", "domains", "in_domain_ppl", "zs_avg")}
+    extra = {}
+    if args.analysis:
+        extra["analysis"] = table5(run, p, d, tests)
     if d.main:
         write_eval_json(out / "eval.json", summary, method=name, model=args.model, step=best["step"],
                         valid_ppl=best["valid_ppl"], split=args.eval_split,
-                        selected_by="lowest training-domain validation perplexity")
+                        selected_by="lowest training-domain validation perplexity", **extra)
         write_eval_md(out / "eval.md", [(name, summary)],
                       title=f"{args.model} on {args.train_domain}: {args.eval_split} perplexity")
+        if args.analysis:
+            with open(out / "eval.md", "a") as f:
+                f.write("\n" + analysis_table(name, extra["analysis"], step) + "\n")
     final, tmp = out / "final", out / ".final.tmp"
     if d.main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -686,6 +704,28 @@ def train(p: Plan, d: Dist) -> dict:
         tqdm.write(f"done: {out}/eval.json (step {best['step']}, {args.train_domain} "
                    f"{_fmt(summary['in_domain_ppl'])}, ZS Avg {_fmt(summary['zs_avg'])})")
     return summary
+
+
+def table5(run, p: Plan, d: Dist, loaders: dict) -> dict:
+    """The paper's Table 5 for the final model: epsilon-sharpness and CKA to the start, per
+    domain. The starting model is rebuilt from --model and --seed, as training built it."""
+    from tqdm import tqdm
+
+    from tram_dist.analysis import table5_analysis
+
+    start = build_model(p.args.model, p.config, p.args.seed).to(d.device)
+    if d.main:
+        tqdm.write(f"analysis: epsilon-sharpness and CKA on {len(loaders)} domains")
+    return table5_analysis(run.eval_model, start, loaders)
+
+
+def analysis_table(name: str, analysis: dict, step: int) -> str:
+    doms = list(analysis["sharpness"])
+    head = "| " + " | ".join(["analysis (final model, step %d)" % step, *doms]) + " |"
+    rule = "|---|" + "---:|" * len(doms)
+    sharp = "| " + " | ".join([f"{name}: epsilon-sharpness %", *(f"{analysis['sharpness'][k]:.3g}" for k in doms)]) + " |"
+    cka = "| " + " | ".join([f"{name}: CKA to the start", *(f"{analysis['cka'][k]:.4f}" for k in doms)]) + " |"
+    return "\n".join([head, rule, sharp, cka])
 
 
 def main(argv=None) -> int:

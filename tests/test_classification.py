@@ -40,4 +40,8 @@ def test_classification_step_and_accumulation(method):
         torch.testing.assert_close(out[1][0][n], p, rtol=1e-5, atol=1e-7, msg=n)
     if method != "tram-fisher":
         assert out[0][1][1].divergence > 0
-        assert out[1][1][1].divergence == pytest.approx(out[0][1][1].divergence, rel=1e-4)
+        # Step 1 sees identical parameters in both layouts: d must agree to float32 summation
+        # order. (At step 2 the parameters already differ by float rounding, and d, a KL of two
+        # nearby distributions, amplifies that by its cancellation: up to 1.5e-4 relative with
+        # transformers 5.24, so it is not a check of accumulation.)
+        assert out[1][1][0].divergence == pytest.approx(out[0][1][0].divergence, rel=1e-5)

@@ -45,8 +45,15 @@ def test_ddp_two_ranks_equal_single_process(runs, method):
     two = torch.load(runs / f"{method}-world2.pt")
     for n, p in one["params"].items():
         torch.testing.assert_close(two["params"][n], p, rtol=1e-5, atol=1e-7, msg=n)
-    for (d1, n1), (d2, n2) in zip(one["log"], two["log"]):  # global d and norm, every step
+    for (d1, n1, *rest1), (d2, n2, *rest2) in zip(one["log"], two["log"]):  # global, every step
         if n1 is not None:  # the AdamW baseline has no perturbation norm
             assert n2 == pytest.approx(n1, rel=1e-5)
         if d1 is not None:
             assert d2 == pytest.approx(d1, rel=1e-4, abs=1e-9)
+        # losses, applied ||eps|| and radius are global (token-weighted over ranks), not rank 0's
+        for a, b in zip(rest1, rest2):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert b == pytest.approx(a, rel=1e-5, abs=1e-9)
+    # every rank reports the same numbers
+    assert torch.load(runs / f"{method}-world2-rank1-log.pt") == two["log"]

@@ -234,3 +234,54 @@ def test_exception_in_pass_2_restores_parameters():
         TrainStep(Boom(), opt)(lm_batch())
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n])
+
+
+@pytest.mark.parametrize("logit_scale", [1.0, 1e4])
+def test_released_code_ascent_in_float64(logit_scale):
+    """tram-released-x: eps = s theta^2 (no gradient factor), s = logit_scale * d' /
+    (||theta g|| + 1e-12), d' = F.kl_div(reduction='mean') over B x T x V, divided by B again
+    (tomsherborne/tram_optimizer's tram.py and kl.py, re-derived)."""
+    sigma = 0.05
+    model = tiny_gpt2()
+    theta0 = params_of(model)
+    batch = lm_batch(pad_last=3)
+    noise = NoisyInputs(sigma)
+    m64, g, logits = grads64(model, batch)
+    with torch.no_grad():
+        z = noise.sample((4, 12, 32), seed=3, step=0, sample_index=batch["sample_index"], device="cpu",
+                         dtype=torch.float32).double()
+        noisy = m64(inputs_embeds=m64.get_input_embeddings()(batch["input_ids"]) + z,
+                    attention_mask=batch["attention_mask"]).logits
+    lp, lq = torch.log_softmax(noisy, -1), torch.log_softmax(logits, -1)
+    # every element of B x T x V, padding and the last position included, as kl_div's mean
+    d_released = float((lp.exp() * (lp - lq)).mean()) / 4
+    norm = math.sqrt(sum(float(((theta0[n].double() * g[n]) ** 2).sum()) for n in g))
+    s = logit_scale * d_released / (norm + 1e-12)
+    expected = {n: theta0[n].double() + s * theta0[n].double() ** 2 for n in g}
+
+    rec = ParamRecorder(model)
+    opt, tr = build_method("tram-released-x", model, lr=0.1, sigma=sigma, logit_scale=logit_scale,
+                           base_optimizer=torch.optim.SGD)
+    metrics = TrainStep(model, opt, trust_region=tr, seed=3)(batch)
+    assert metrics.divergence == pytest.approx(d_released, rel=1e-4)
+    assert metrics.radius == pytest.approx(logit_scale * d_released, rel=1e-4)
+    eps_norm = s * math.sqrt(sum(float((theta0[n].double() ** 4).sum()) for n in g))
+    assert metrics.eps_norm == pytest.approx(eps_norm, rel=1e-4)
+    for n in expected:
+        eps = (expected[n] - theta0[n].double()).abs()
+        tol = 4 * torch.finfo(torch.float32).eps * expected[n].abs() + 1e-4 * eps + 1e-12
+        err = (rec.seen[2][n].double() - expected[n]).abs()
+        assert (err <= tol).all(), f"{n}: max err {err.max():.3e}"
+    moved = [float((rec.seen[2][n].double() - theta0[n].double()).abs().max()) for n in g]
+    assert max(moved) > 0  # the ascent is applied (every element moves up, |eps| = s theta^2)
+
+
+def test_released_code_methods_bad_arguments():
+    model = tiny_gpt2()
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="logit_scale must be a finite number >= 0"):
+            build_method("tram-released-theta-prev", model, lr=1e-3, logit_scale=bad)
+    with pytest.raises(ValueError, match="only tram-released-x, tram-released-theta-prev take it"):
+        build_method("tram-x", model, lr=1e-3, logit_scale=10.0)
+    with pytest.raises(ValueError, match="sized by logit_scale, not radius_scale"):
+        build_method("tram-released-x", model, lr=1e-3, radius_scale=10.0)

@@ -2,14 +2,17 @@
 as sharded optimizers for large-model fine-tuning."""
 from .divergence import Partial
 from .methods import METHODS, build_method
-from .optim import ASAM, SAM, TRAM, FisherSAM, NonFiniteAscentError, PerturbedOptimizer, TRAMFisher
+from .optim import (ASAM, SAM, TRAM, Descent, FisherSAM, NonFiniteAscentError, PerturbedOptimizer,
+                    TRAMFisher, TRAMReleased)
+from .regularizers import TrustRegionPenalty
 from .step import StepMetrics, TrainStep
 from .trust_region import EMAParams, NoisyInputs, PretrainedParams, PreviousParams
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "TRAM", "SAM", "ASAM", "FisherSAM", "TRAMFisher", "PerturbedOptimizer", "NonFiniteAscentError",
+    "TRAM", "SAM", "ASAM", "FisherSAM", "TRAMFisher", "TRAMReleased", "Descent", "PerturbedOptimizer",
+    "NonFiniteAscentError", "TrustRegionPenalty",
     "NoisyInputs", "PreviousParams", "PretrainedParams", "EMAParams", "Partial",
     "TrainStep", "StepMetrics", "build_method", "METHODS",
 ]

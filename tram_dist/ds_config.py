@@ -9,6 +9,12 @@ determines; the run's value is filled in. A concrete value must agree with the r
 single source of truth: tram_dist builds the optimizer (TRAM wraps it) and the LR schedule
 itself, so the config's optimizer section only has to agree with them (DeepSpeed uses a
 client optimizer in preference to the config's one).
+
+`resolve_autos` does the same for `tram_dist.engines.deepspeed.initialize`, which knows less
+than the launcher (no --batch-size): the batch fields come from its keyword arguments or the
+config's other batch fields, the optimizer values from the base optimizer it builds, bf16
+from the model's dtype; an "auto" it cannot fill is one `DsConfigError` line that says which
+keyword argument sets it.
 """
 from __future__ import annotations
 
@@ -56,8 +62,8 @@ def _same(a: Any, b: Any) -> bool:
 
 
 class _Resolver:
-    def __init__(self, cfg: dict, source: str):
-        self.cfg, self.source = cfg, source
+    def __init__(self, cfg: dict, source: str, flags: dict[str, str] | None = None):
+        self.cfg, self.source, self.flags = cfg, source, flags or {}
 
     def fill(self, path: str, value: Any, flag: str, *, create: bool = False) -> None:
         """Set `path` (dotted) to `value` if it is "auto" (or absent and `create`); else check."""
@@ -76,6 +82,7 @@ class _Resolver:
         if node[key] == AUTO:
             node[key] = value
         elif not _same(node[key], value):
+            flag = self.flags.get(flag, flag)
             raise DsConfigError(
                 f"{self.source}: {path} is {json.dumps(node[key])} but the run has "
                 f"{flag}={_show(value)}; set it to \"auto\" in the file or change {flag}")
@@ -100,15 +107,22 @@ def resolve_ds_config(config: dict | str | os.PathLike, *, global_batch_size: in
                       betas: tuple[float, float] = (0.9, 0.99), eps: float = 1e-8,
                       weight_decay: float = 0.0, max_grad_norm: float | None = None,
                       bf16: bool = False, hidden_size: int | None = None,
-                      warmup_steps: int | None = None, max_steps: int | None = None) -> dict:
-    """A complete DeepSpeed config dict for this run (the input is not modified)."""
+                      warmup_steps: int | None = None, max_steps: int | None = None,
+                      flags: dict[str, str] | None = None,
+                      unresolved_hint: str = "the run does not determine it; write a value in the file",
+                      source: str | None = None) -> dict:
+    """A complete DeepSpeed config dict for this run (the input is not modified).
+
+    ``flags`` renames the run's options in the messages (``{"--lr": "lr"}`` for a caller whose
+    option is a keyword argument), ``unresolved_hint`` ends the message for an "auto" that
+    nothing fills, ``source`` names the config in messages."""
     if isinstance(config, dict):
-        cfg, source = copy.deepcopy(config), "DeepSpeed config"
+        cfg, source = copy.deepcopy(config), source or "DeepSpeed config"
     else:
-        cfg, source = load_ds_config(config), str(config)
+        cfg, source = load_ds_config(config), source or str(config)
     for key in [k for k in cfg if k.startswith("_")]:
         del cfg[key]  # "_comments": JSON has no comments, the presets document fields there
-    r = _Resolver(cfg, source)
+    r = _Resolver(cfg, source, flags)
 
     r.fill("train_batch_size", global_batch_size, "--batch-size", create=True)
     r.fill("train_micro_batch_size_per_gpu", micro_batch_size,
@@ -147,16 +161,166 @@ def resolve_ds_config(config: dict | str | os.PathLike, *, global_batch_size: in
 
     expected = micro_batch_size * grad_accum * world_size
     if cfg["train_batch_size"] != expected:
+        hint = ("set these fields to \"auto\"" if flags is None else
+                "make them agree, or set them to \"auto\"")
         raise DsConfigError(
             f"{source}: train_batch_size {cfg['train_batch_size']} != "
             f"train_micro_batch_size_per_gpu {cfg['train_micro_batch_size_per_gpu']} x "
             f"gradient_accumulation_steps {cfg['gradient_accumulation_steps']} x world size "
-            f"{world_size}; set these fields to \"auto\"")
+            f"{world_size}; {hint}")
     left = _leftover_autos(cfg)
     if left:
-        raise DsConfigError(f"{source}: {left[0]} is \"auto\" but the run does not determine it; "
-                            "write a value in the file")
+        raise DsConfigError(f"{source}: {left[0]} is \"auto\" but {unresolved_hint}")
     return cfg
+
+
+BATCH_FIELDS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+_BATCH_HINT = {
+    "train_batch_size": "samples per optimizer step over all ranks",
+    "train_micro_batch_size_per_gpu": "samples per rank per forward/backward",
+    "gradient_accumulation_steps": "micro-batches per TrainStep call",
+}
+# how initialize()'s inputs are named in resolve_ds_config's messages
+_INITIALIZE_FLAGS = {"--batch-size": "train_batch_size", "--micro-batch-size": "train_micro_batch_size_per_gpu",
+                     "--grad-accum": "gradient_accumulation_steps", "--max-grad-norm": "gradient_clipping",
+                     "--lr": "lr", "weight decay": "weight_decay", "--bf16": "bf16 (from the model dtype)"}
+_OPTIMIZER_KEYS = ("lr", "betas", "eps", "weight_decay")
+
+
+def has_auto(config: dict) -> bool:
+    """Whether any field of the config (``_comments`` aside) is "auto"."""
+    return bool(_leftover_autos({k: v for k, v in config.items() if not k.startswith("_")}))
+
+
+def _lookup(cfg: dict, path: str, default: Any = None) -> Any:
+    node: Any = cfg
+    for key in path.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return default
+        node = node[key]
+    return node
+
+
+def _positive_int(value: Any, name: str, source: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise DsConfigError(f"{source}: {name} must be a positive integer, got {json.dumps(value)}")
+    return value
+
+
+def _resolve_batch(cfg: dict, given: dict, world_size: int, source: str) -> dict:
+    """(train_batch_size, micro batch, accumulation) from the config's concrete values and the
+    keyword arguments; one missing value is derived from the other two (DeepSpeed's rules)."""
+    where = "the initialize() keyword argument"
+    values, autos = {}, []
+    for name in BATCH_FIELDS:
+        in_cfg = cfg.get(name)
+        kw = given.get(name)
+        if kw is not None:
+            kw = _positive_int(kw, f"{where} {name}", source)
+        if in_cfg == AUTO:
+            autos.append(name)
+            in_cfg = None
+        elif in_cfg is not None:
+            in_cfg = _positive_int(in_cfg, name, source)
+        if in_cfg is not None and kw is not None and in_cfg != kw:
+            raise DsConfigError(f"{source}: {name} is {in_cfg} but initialize() got {name}={kw}; "
+                                f"set it to \"auto\" in the config or drop the keyword argument")
+        values[name] = kw if kw is not None else in_cfg
+    tbs, micro, accum = (values[n] for n in BATCH_FIELDS)
+    if accum is None and "gradient_accumulation_steps" not in cfg and (tbs is None or micro is None):
+        accum = 1  # DeepSpeed's rule when the config has no gradient_accumulation_steps
+    if tbs is None and micro is not None and accum is not None:
+        tbs = micro * accum * world_size
+    elif micro is None and tbs is not None and accum is not None:
+        if tbs % (accum * world_size) == 0:
+            micro = tbs // (accum * world_size)
+    elif accum is None and tbs is not None and micro is not None:
+        if tbs % (micro * world_size) == 0:
+            accum = tbs // (micro * world_size)
+    resolved = dict(zip(BATCH_FIELDS, (tbs, micro, accum)))
+    # what to ask for first: the micro batch, then the accumulation (train_batch_size follows)
+    order = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+    for name in order:
+        if resolved[name] is None and name in autos:
+            others = ", ".join(f"{n}={resolved[n]}" for n in BATCH_FIELDS if n != name and resolved[n] is not None)
+            raise DsConfigError(
+                f"{source}: {name} is \"auto\" and initialize() cannot derive it"
+                + (f" from {others} and world size {world_size}" if others else "")
+                + f"; pass {name}=N ({_BATCH_HINT[name]}) to initialize() or write a value in the config")
+    missing = [n for n in order if resolved[n] is None]
+    if missing:
+        raise DsConfigError(f"{source}: {missing[0]} is not set; pass {missing[0]}=N "
+                            f"({_BATCH_HINT[missing[0]]}) to initialize() or write a value in the config")
+    return resolved
+
+
+def resolve_autos(config: dict, *, world_size: int, optimizer_defaults: dict | None = None,
+                  bf16: bool = False, hidden_size: int | None = None,
+                  train_batch_size: int | None = None, train_micro_batch_size_per_gpu: int | None = None,
+                  gradient_accumulation_steps: int | None = None, gradient_clipping: float | None = None,
+                  source: str = "DeepSpeed config") -> dict:
+    """The config ``tram_dist.engines.deepspeed.initialize`` hands to DeepSpeed: every "auto"
+    filled from what initialize knows (the input is not modified; a config without "auto" and
+    without batch keyword arguments comes back as it was).
+
+    * ``train_batch_size``, ``train_micro_batch_size_per_gpu``, ``gradient_accumulation_steps``:
+      the keyword arguments, else the config's concrete values; one of the three may be left
+      to derive from the other two and ``world_size`` (train = micro x accumulation x world).
+    * ``gradient_clipping``: the keyword argument, else 0.0 (DeepSpeed does not clip; clip
+      with ``TrainStep(max_grad_norm=...)``, as the launcher does).
+    * ``optimizer.params.{lr,betas,eps,weight_decay}``, ``scheduler.params.warmup_max_lr``:
+      ``optimizer_defaults`` (the base optimizer's ``defaults``); a concrete value must agree.
+    * ``bf16.enabled``: ``bf16`` (the model's dtype is bfloat16); ``fp16.enabled``: false.
+    * the ZeRO bucket sizes: from ``hidden_size`` as in the launcher.
+
+    Anything else left "auto" (a scheduler's step counts, ...) is a `DsConfigError` line naming
+    the field."""
+    batch_kwargs = {"train_batch_size": train_batch_size,
+                    "train_micro_batch_size_per_gpu": train_micro_batch_size_per_gpu,
+                    "gradient_accumulation_steps": gradient_accumulation_steps}
+    given = {k: v for k, v in batch_kwargs.items() if v is not None}
+    if not has_auto(config) and not given and gradient_clipping is None:
+        return copy.deepcopy(config)
+    cfg = {k: copy.deepcopy(v) for k, v in config.items() if not k.startswith("_")}
+    batch = _resolve_batch(cfg, given, world_size, source)
+
+    clip = _lookup(cfg, "gradient_clipping")
+    if gradient_clipping is not None:
+        clip = float(gradient_clipping)
+    elif clip == AUTO:
+        clip = 0.0
+    elif clip is None:
+        clip = 1.0  # DeepSpeed's default, written out (resolve_ds_config writes the field)
+
+    defaults = dict(optimizer_defaults or {})
+    opt = {}
+    for key in _OPTIMIZER_KEYS:
+        value = defaults.get(key)
+        if value is None:
+            current = _lookup(cfg, f"optimizer.params.{key}")
+            if current == AUTO:  # the base optimizer has no such option: the section is unused
+                del cfg["optimizer"]["params"][key]
+                current = None
+            value = current
+        elif hasattr(value, "item"):  # a tensor lr
+            value = value.item()
+        opt[key] = tuple(value) if key == "betas" and value is not None else value
+    if opt["lr"] is None and _lookup(cfg, "scheduler.params.warmup_max_lr") == AUTO:
+        raise DsConfigError(f"{source}: scheduler.params.warmup_max_lr is \"auto\" but the base optimizer "
+                            "has no lr; write a value in the config")
+
+    bf16_cfg = _lookup(cfg, "bf16.enabled")
+    use_bf16 = bool(bf16) if bf16_cfg == AUTO or bf16_cfg is None else bool(bf16_cfg)
+    return resolve_ds_config(
+        cfg, global_batch_size=batch["train_batch_size"],
+        micro_batch_size=batch["train_micro_batch_size_per_gpu"],
+        grad_accum=batch["gradient_accumulation_steps"], world_size=world_size,
+        lr=opt["lr"] if opt["lr"] is not None else 0.0,
+        betas=opt["betas"] if opt["betas"] is not None else (0.9, 0.999),
+        eps=opt["eps"] if opt["eps"] is not None else 1e-8,
+        weight_decay=opt["weight_decay"] if opt["weight_decay"] is not None else 0.0,
+        max_grad_norm=clip, bf16=use_bf16, hidden_size=hidden_size, flags=_INITIALIZE_FLAGS,
+        unresolved_hint="initialize() cannot determine it; write a value in the config", source=source)
 
 
 def zero_stage(cfg: dict) -> int:

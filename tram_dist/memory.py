@@ -85,11 +85,14 @@ def expected_tram_bytes(optimizer, trust_region=None) -> int:
     """
     engine = optimizer.engine
     tr = trust_region if trust_region is not None else optimizer.trust_region
+    # the backup is the ascent's restore point and a swapped-in target's swap space: Descent
+    # without a parameter target (R3F) never makes one
+    backup = engine.needs_backup and (optimizer.has_ascent or tr is not None)
     total = 0
     for group in engine.slice_groups(with_grad_only=False):
         for sl in group.slices:
             n = sl.param.numel()
-            if engine.needs_backup:
+            if backup:
                 total += n * sl.param.element_size()
             if tr is not None:
                 src = sl.theta if getattr(tr, "buffer_precision", "param") == "master" else sl.param

@@ -51,9 +51,11 @@ class PerturbedOptimizer(Optimizer):
     the radius is chosen (``_radius``)."""
 
     rule: str = "identity"                     # the weight w, see kernels.RULES
+    divergence_reduction: str = "token_mean"   # how TrainStep averages d (TRAMReleased: "released")
     hyperparameters: Dict[str, float] = {}     # name -> default, all must be >= 0
     needs_divergence: bool = False             # first_step takes d (TRAM)
     pass1_at_noised_inputs: bool = False       # pass 1 at x + z (TRAMFisher)
+    has_ascent: bool = True                    # False: Descent (a regularized loss, one pass)
 
     def __init__(self, params, base_optimizer, *, on_nonfinite: str = "skip",
                  engine: Optional[Engine] = None, **kwargs):
@@ -61,6 +63,11 @@ class PerturbedOptimizer(Optimizer):
         if on_nonfinite not in ON_NONFINITE:
             raise ValueError(f"{name}: on_nonfinite must be one of {ON_NONFINITE}, got {on_nonfinite!r}")
         own = {k: kwargs.pop(k) for k in list(kwargs) if k in self.hyperparameters}
+        if isinstance(base_optimizer, Optimizer):
+            _dedup_in_place(name, base_optimizer.param_groups)
+        elif params is not None:
+            params = _as_groups(params)
+            _dedup_in_place(name, params)
         defaults = {**self.hyperparameters, **own}
         self._check_hyperparameters(defaults)
 
@@ -96,10 +103,17 @@ class PerturbedOptimizer(Optimizer):
         self.trust_region: Optional[ParamTarget] = None
         self.step_count = 0          # completed TRAM steps (first_step + second_step)
         self.skipped_ascents = 0     # steps whose ascent was skipped (non-finite d or norm)
+        self.clamped_divergences = 0  # steps whose finite d < 0 (rounding) was taken as 0
+        self.measure_applied = True   # measure ||eps|| as written (one read pass; a metric)
         self._warned_nonfinite = False
         self._phase = "idle"         # idle | swapped | perturbed | ascent_skipped
         self._touched: List[SliceGroup] = []  # slices swapped or perturbed, until restored
         self.last_ascent: Dict[str, Any] = {}
+
+    @property
+    def base_optimizer(self) -> Optimizer:
+        """The inner optimizer (``.base``); the name davda54/sam code uses."""
+        return self.base
 
     # ------------------------------------------------------------------ hyperparameters
     def _check_hyperparameters(self, options: Dict[str, Any]) -> None:
@@ -132,17 +146,19 @@ class PerturbedOptimizer(Optimizer):
                     sl.state[TARGET] = target.init_buffer(sl)
 
     @torch.no_grad()
-    def swap_in_target(self) -> None:
+    def swap_in_target(self, *, before_backward: bool = False) -> None:
         """Put the trust-region target into the parameters for the target forward pass.
 
         Call after pass 1's backward. theta_t goes to the backup (the swap space), and
-        ``first_step`` writes theta_t + eps straight from it.
+        ``first_step`` writes theta_t + eps straight from it. ``before_backward``: a target
+        forward before any gradient exists (the regularizers), for every trainable slice,
+        undone by ``swap_out_target``.
         """
         self._expect("idle", "swap_in_target")
         if self.trust_region is None:
             raise RuntimeError("swap_in_target: no parameter trust region attached "
                                "(attach_trust_region(PreviousParams()) or PretrainedParams() first)")
-        self._touched = self.engine.slice_groups()
+        self._touched = self.engine.slice_groups(with_grad_only=not before_backward)
         for group in self._touched:
             params = [s.param for s in group.slices]
             targets = [s.state[TARGET] for s in group.slices]
@@ -152,6 +168,17 @@ class PerturbedOptimizer(Optimizer):
                 kernels.restore_(params, targets)
         self.engine.publish()
         self._phase = "swapped"
+
+    @torch.no_grad()
+    def swap_out_target(self) -> None:
+        """Put theta_t back after a target forward that no ascent follows (the trust-region
+        regularizers: TRPO, MESA), and let the target advance as after TRAM's ascent."""
+        self._expect("swapped", "swap_out_target")
+        groups = self._touched
+        self._restore_groups(groups)
+        self._trust_region_update(groups)
+        self._touched = []
+        self._phase = "idle"
 
     def _backup(self, sl) -> Tensor:
         buf = sl.state.get("backup")
@@ -182,36 +209,38 @@ class PerturbedOptimizer(Optimizer):
         groups = engine.slice_groups()
         device = _device_of(groups)
 
-        # Local partial sums of w g^2 and (w g)^2; theta is read where it is exact.
-        sums = torch.zeros(2, dtype=torch.float32, device=device)
-        for group in groups:
+        # Local partial sums of w g^2 and (w g)^2 per group; theta is read where it is exact.
+        # Per group because groups may have their own radius: ||eps||^2 = sum_g s_g^2 (w g)^2_g.
+        sums = torch.zeros(max(len(groups), 1), 2, dtype=torch.float32, device=device)
+        for i, group in enumerate(groups):
             thetas = self._thetas(group, swapped)
             grads = [s.grad for s in group.slices]
             eta = float(group.options.get("eta", 0.0))
-            # one fused pass: [sum w g^2, sum (w g)^2] (the norm, and ||eps|| for the metrics)
-            sums += kernels.sum_sq(thetas, grads, rule=self.rule, eta=eta, device=device, with_eps_sq=True)
+            sums[i] += self._local_sums(thetas, grads, eta, device)
 
         # The one collective TRAM adds: sharded norm partials and/or a per-rank divergence.
         packed = []
         if engine.grads_sharded:
-            packed.append(sums)
+            packed.append(sums.reshape(-1))
         partial_d = isinstance(divergence, Partial)
         if partial_d:
             packed.append(torch.as_tensor(divergence.value, dtype=torch.float32, device=device).reshape(1))
         if packed:
             vec = engine.all_reduce_sum_(torch.cat(packed))
             if engine.grads_sharded:
-                sums = vec[:2]
+                sums = vec[:sums.numel()].reshape(sums.shape)
             d_tensor = vec[-1] if partial_d else None
         else:
             d_tensor = None
         if not partial_d and divergence is not None:
             d_tensor = torch.as_tensor(divergence, dtype=torch.float32)
 
-        values = torch.cat([sums, d_tensor.reshape(1).to(sums.device)]) if d_tensor is not None else sums
+        flat = sums.reshape(-1)
+        values = torch.cat([flat, d_tensor.reshape(1).to(flat.device)]) if d_tensor is not None else flat
         values = values.tolist()  # the one host sync of the step
-        norm_sq, eps_sq = values[0], values[1]
-        d = values[2] if d_tensor is not None else None
+        per_group = [(values[2 * i], values[2 * i + 1]) for i in range(sums.shape[0])]
+        d = values[-1] if d_tensor is not None else None
+        norm_sq = sum(n for n, _ in per_group)
         norm = math.sqrt(norm_sq) if norm_sq >= 0 else float("nan")
 
         reason = None
@@ -221,28 +250,39 @@ class PerturbedOptimizer(Optimizer):
             reason = f"non-finite perturbation norm {norm}"
         elif norm == 0.0:
             reason = "zero gradient (perturbation norm is 0)"
-        elif d is not None and d < 0:
-            reason = f"negative divergence d={d}"
+        # KL >= 0: a finite negative d is rounding noise around 0. Take it as 0 (the ascent is
+        # then nu), count it, and never skip the ascent for it.
+        d_clamped = d is not None and math.isfinite(d) and d < 0
+        if d_clamped:
+            self.clamped_divergences += 1
 
-        metrics = {"divergence": d, "grad_norm": norm, "eps_norm": 0.0, "ascent_skipped": reason is not None}
+        metrics = {"divergence": d, "divergence_clamped": d_clamped, "grad_norm": norm,
+                   "eps_norm": 0.0, "radius": 0.0, "ascent_skipped": reason is not None,
+                   "applied_sq": None}
         if reason is not None:
             self._skip_ascent(reason, swapped, groups)
         else:
-            eps_norm = 0.0
-            for group in groups:
-                radius = self._radius(group.options, d)
-                scale = radius / norm
-                eps_norm = scale * math.sqrt(max(eps_sq, 0.0))  # radius is one number per run
-                thetas = self._thetas(group, swapped)
-                params = [s.param for s in group.slices]
-                grads = [s.grad for s in group.slices]
-                eta = float(group.options.get("eta", 0.0))
-                if swapped or not engine.needs_backup:
-                    kernels.perturb_(params, grads, scale=scale, rule=self.rule, eta=eta, sources=thetas)
-                else:
-                    kernels.perturb_(params, grads, scale=scale, rule=self.rule, eta=eta,
-                                     backups=[self._backup(s) for s in group.slices])
-            metrics["eps_norm"] = eps_norm
+            d_used = max(d, 0.0) if d is not None else None
+            eps_sq_total, radius_sq_weighted = 0.0, 0.0
+            for (n_g, e_g), group in zip(per_group, groups):
+                radius = self._radius(group.options, d_used)
+                scale = self._scale(radius, norm)
+                eps_sq_total += scale * scale * max(e_g, 0.0)
+                radius_sq_weighted += radius * radius * max(n_g, 0.0)
+                self._perturb(group, scale, swapped)
+            metrics["eps_norm"] = math.sqrt(eps_sq_total)
+            # The size of the ascent in the method's own metric (||T^-1 eps||, ||f^1/2 eps||):
+            # the radius itself when all groups share it, their norm-weighted mean otherwise.
+            metrics["radius"] = math.sqrt(radius_sq_weighted / norm_sq)
+            if self.measure_applied:
+                # What the next forward sees: theta + eps rounded to the working dtype, minus
+                # theta_t (the backup, or the master) in that dtype. A device tensor: this
+                # rank's partial, summed over ranks with the step's deferred metrics (no sync).
+                applied = torch.zeros((), dtype=torch.float32, device=device)
+                for group in groups:
+                    applied += kernels.diff_sq([s.param for s in group.slices],
+                                               self._thetas(group, True), device=device)
+                metrics["applied_sq"] = applied
             self._touched = groups
             self._phase = "perturbed"
         if swapped:
@@ -252,6 +292,25 @@ class PerturbedOptimizer(Optimizer):
         if zero_grad:
             engine.discard_grads()
         return metrics
+
+    def _local_sums(self, thetas, grads, eta: float, device) -> Tensor:
+        """This rank's [sum w g^2, sum (w g)^2]: the squared norm, and ||eps||^2 / s^2."""
+        return kernels.sum_sq(thetas, grads, rule=self.rule, eta=eta, device=device, with_eps_sq=True)
+
+    def _scale(self, radius: float, norm: float) -> float:
+        return radius / norm
+
+    def _perturb(self, group: SliceGroup, scale: float, swapped: bool) -> None:
+        """theta <- theta + scale * w * g on this group's slices (backing theta up first)."""
+        thetas = self._thetas(group, swapped)
+        params = [s.param for s in group.slices]
+        grads = [s.grad for s in group.slices]
+        eta = float(group.options.get("eta", 0.0))
+        if swapped or not self.engine.needs_backup:
+            kernels.perturb_(params, grads, scale=scale, rule=self.rule, eta=eta, sources=thetas)
+        else:
+            kernels.perturb_(params, grads, scale=scale, rule=self.rule, eta=eta,
+                             backups=[self._backup(s) for s in group.slices])
 
     def _thetas(self, group: SliceGroup, swapped: bool) -> List[Tensor]:
         if swapped and self.engine.needs_backup:
@@ -312,7 +371,8 @@ class PerturbedOptimizer(Optimizer):
         (the caller calls ``scaler.update()``). ``max_grad_norm``: clip the pass-2 gradients.
         Returns the pass-2 gradient norm when clipping.
         """
-        if self._phase not in ("perturbed", "ascent_skipped"):
+        allowed = ("perturbed", "ascent_skipped") if self.has_ascent else ("idle",)
+        if self._phase not in allowed:
             raise RuntimeError(f"second_step called while {self._phase}: call first_step first")
         with torch.no_grad():
             if self._phase == "perturbed" and self.engine.needs_backup:
@@ -377,10 +437,14 @@ class PerturbedOptimizer(Optimizer):
             "state": own,
             "step_count": self.step_count,
             "skipped_ascents": self.skipped_ascents,
+            "clamped_divergences": self.clamped_divergences,
             "trust_region": None if self.trust_region is None else self.trust_region.state_dict(),
         }
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        if "base" not in state_dict and "state" in state_dict and "param_groups" in state_dict:
+            self._load_plain_state_dict(state_dict)
+            return
         if "base" not in state_dict or "tram" not in state_dict:
             raise ValueError(f"{type(self).__name__}.load_state_dict: expected a dict with 'base' and "
                              f"'tram' (from {type(self).__name__}.state_dict()), got keys {sorted(state_dict)}")
@@ -388,6 +452,28 @@ class PerturbedOptimizer(Optimizer):
         # torch rebuilds the base's group dicts on load: share them again.
         self.param_groups = self.base.param_groups
         self.load_tram_state_dict(state_dict["tram"])
+
+    def _load_plain_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """A torch optimizer's state dict: the base optimizer's own (porting a plain AdamW run),
+        or davda54/sam's SAM wrapper's (its ``old_p`` / ``e_w`` are transient and dropped)."""
+        transient = ("old_p", "e_w")
+        state = {k: {n: v for n, v in st.items() if n not in transient}
+                 for k, st in state_dict["state"].items()}
+        dropped = any(n in transient for st in state_dict["state"].values() for n in st)
+        state = {k: st for k, st in state.items() if st}
+        groups = [{k: v for k, v in g.items() if k not in ("rho", "adaptive")}
+                  for g in state_dict["param_groups"]]
+        for mine, given in zip(self.param_groups, groups):
+            for key in self.hyperparameters:   # keep our hyperparameters where the dict has none
+                given.setdefault(key, mine[key])
+        warnings.warn(
+            f"{type(self).__name__}.load_state_dict: got a plain optimizer state dict"
+            f"{' (davda54/sam style: old_p / e_w dropped)' if dropped else ''}; it is loaded into the "
+            f"base optimizer {type(self.base).__name__} and {type(self).__name__}'s own state "
+            f"(trust-region buffers, counters) starts fresh", UserWarning, stacklevel=3)
+        self.base.load_state_dict({"state": state, "param_groups": groups})
+        self.param_groups = self.base.param_groups
+        self._phase = "idle"
 
     def load_tram_state_dict(self, own: Dict[str, Any]) -> None:
         keys = self.engine.state_keys()
@@ -401,6 +487,7 @@ class PerturbedOptimizer(Optimizer):
                     self.state[p][k] = v.to(device=p.device).clone()  # its own dtype (EMA: master's)
         self.step_count = int(own["step_count"])
         self.skipped_ascents = int(own["skipped_ascents"])
+        self.clamped_divergences = int(own.get("clamped_divergences", 0))
         if self.trust_region is not None and own.get("trust_region") is not None:
             self.trust_region.load_state_dict(own["trust_region"])
         self._phase = "idle"
@@ -410,8 +497,28 @@ class PerturbedOptimizer(Optimizer):
             raise RuntimeError(f"{what} called while {self._phase}")
 
     def __repr__(self) -> str:
-        hp = ", ".join(f"{k}={self.defaults[k]}" for k in self.hyperparameters)
-        return f"{type(self).__name__}({hp}, base={type(self.base).__name__})"
+        hp = "".join(f"{k}={self.defaults[k]}, " for k in self.hyperparameters)
+        return f"{type(self).__name__}({hp}base={type(self.base).__name__})"
+
+
+class Descent(PerturbedOptimizer):
+    """No ascent: the base optimizer's step on the pass-1 gradients, with the family's machinery
+    (engines, trust-region buffers beside each slice, checkpoints). The Adam rows of the
+    trust-region regularizers (TRPO, MESA, R3F) run on it: ``TrainStep`` adds the penalty to
+    the loss, and ``second_step`` follows pass 1 directly."""
+
+    has_ascent = False
+
+    def __init__(self, params, base_optimizer, **kwargs):
+        super().__init__(params, base_optimizer, **kwargs)
+
+    def first_step(self, divergence=None, zero_grad: bool = True):
+        raise RuntimeError("Descent has no ascent: call second_step after pass 1")
+
+    def step(self, closure: Optional[Callable] = None, divergence=None):
+        loss = torch.enable_grad()(closure)() if closure is not None else None
+        self.second_step(zero_grad=False)
+        return loss
 
 
 class SAM(PerturbedOptimizer):
@@ -421,6 +528,10 @@ class SAM(PerturbedOptimizer):
     hyperparameters = {"rho": 0.05}
 
     def __init__(self, params, base_optimizer, rho: float = 0.05, **kwargs):
+        if "adaptive" in kwargs:
+            raise ValueError("SAM(adaptive=...) is davda54/sam's switch to ASAM; here ASAM is its own "
+                             "class: use ASAM(params, base, rho=..., eta=0) for adaptive=True "
+                             "(eta=0 is davda54's T = |theta|), SAM(...) without 'adaptive' otherwise")
         super().__init__(params, base_optimizer, rho=rho, **kwargs)
 
 
@@ -435,17 +546,74 @@ class ASAM(PerturbedOptimizer):
 
 
 class TRAM(PerturbedOptimizer):
-    """TRAM (Eq. 7): eps = (d + nu) * theta^2 g / ||theta g||, d the trust-region divergence."""
+    """TRAM (Eq. 7): eps = (lambda d + nu) * theta^2 g / ||theta g||, d the trust-region divergence.
+
+    ``radius_scale`` (lambda, default 1: the paper's Eq. 7 exactly) multiplies d. A per-token
+    KL between nearby models is tiny (O(lr^2) for d_theta(t-1)), so at lambda = 1 the ascent
+    can be far smaller than SAM's rho; lambda sizes it without changing how it adapts to d.
+    """
 
     rule = "adaptive"
-    hyperparameters = {"nu": 1e-5}
+    hyperparameters = {"nu": 1e-5, "radius_scale": 1.0}
     needs_divergence = True
 
-    def __init__(self, params, base_optimizer, nu: float = 1e-5, **kwargs):
-        super().__init__(params, base_optimizer, nu=nu, **kwargs)
+    def __init__(self, params, base_optimizer, nu: float = 1e-5, radius_scale: float = 1.0, **kwargs):
+        super().__init__(params, base_optimizer, nu=nu, radius_scale=radius_scale, **kwargs)
 
     def _radius(self, options, divergence):
-        return float(divergence) + float(options["nu"])
+        return float(options["radius_scale"]) * float(divergence) + float(options["nu"])
+
+
+class TRAMReleased(PerturbedOptimizer):
+    """The ascent of the authors' released code (tomsherborne/tram_optimizer), not Eq. 7.
+
+    Re-derived from its ``tram.py`` and ``kl.py``: every parameter moves by
+
+        eps = s * theta^2,   s = logit_scale * d' / (||theta g||_2 + 1e-12)
+
+    with no gradient factor (the shift has the sign of +1 for every parameter), and d' the
+    KL of ``F.kl_div(reduction="mean")`` (a mean over batch x positions x vocabulary) divided
+    again by the batch size: ``TrainStep`` computes d' that way, over the global batch, for
+    this class. ``logit_scale`` is the released code's hand-set multiplier "which may be
+    needed for CLM"; the paper gives no value, the default 1 applies none. A negative d'
+    (rounding) is taken as 0, as for TRAM.
+    """
+
+    rule = "adaptive"                      # the norm ||theta g|| (eta 0: T = |theta|)
+    hyperparameters = {"logit_scale": 1.0}
+    needs_divergence = True
+    divergence_reduction = "released"     # d' = KL mean over B x T x V, / B (TrainStep)
+
+    def __init__(self, params, base_optimizer, logit_scale: float = 1.0, **kwargs):
+        super().__init__(params, base_optimizer, logit_scale=logit_scale, **kwargs)
+
+    def _radius(self, options, divergence):
+        return float(options["logit_scale"]) * float(divergence)
+
+    def _scale(self, radius: float, norm: float) -> float:
+        return radius / (norm + 1e-12)
+
+    def _local_sums(self, thetas, grads, eta: float, device) -> Tensor:
+        # [sum theta^2 g^2, sum theta^4]: the norm, and ||eps||^2 / s^2 with eps = s theta^2
+        norm_sq = kernels.sum_sq(thetas, grads, rule="adaptive", eta=0.0, device=device)
+        eps_sq = torch.zeros((), dtype=torch.float32, device=norm_sq.device)
+        for theta in thetas:
+            for start in range(0, theta.numel(), kernels.CHUNK):
+                t = theta.reshape(-1)[start:start + kernels.CHUNK].float()  # may be theta itself
+                eps_sq += t.square().square_().sum()
+        return torch.stack([norm_sq.reshape(()), eps_sq])
+
+    def _perturb(self, group: SliceGroup, scale: float, swapped: bool) -> None:
+        # no fused kernel for this rule: torch, chunked, in place (it is not the paper's method)
+        sources = self._thetas(group, swapped)
+        for sl, theta in zip(group.slices, sources):
+            if not swapped and self.engine.needs_backup:
+                self._backup(sl).copy_(sl.param)
+                theta = sl.state["backup"]
+            flat_p, flat_t = sl.param.reshape(-1), theta.reshape(-1)
+            for start in range(0, flat_p.numel(), kernels.CHUNK):
+                t = flat_t[start:start + kernels.CHUNK].float()
+                flat_p[start:start + kernels.CHUNK].copy_(t + scale * t * t)
 
 
 class FisherSAM(PerturbedOptimizer):
@@ -463,10 +631,21 @@ class TRAMFisher(FisherSAM):
 
     The optimizer math is Fisher-SAM's; ``TrainStep`` runs pass 1 at x + z (NoisyInputs).
     Algorithm 2 writes eps without a scale; we keep Fisher-SAM's gamma (rho), default 0.1 as
-    the paper's FSAM baseline; rho=1 is Algorithm 2 literally.
+    the paper's FSAM baseline; rho=1 is Algorithm 2 literally. Algorithm 2 has no d, so
+    ``radius_scale`` (default 1) multiplies rho: the radius is radius_scale * rho, the same
+    knob as TRAM's for sweeps over the size of the ascent.
     """
 
+    hyperparameters = {"rho": 0.1, "eta": 0.1, "radius_scale": 1.0}
     pass1_at_noised_inputs = True
+
+    def __init__(self, params, base_optimizer, rho: float = 0.1, eta: float = 0.1,
+                 radius_scale: float = 1.0, **kwargs):
+        PerturbedOptimizer.__init__(self, params, base_optimizer, rho=rho, eta=eta,
+                                    radius_scale=radius_scale, **kwargs)
+
+    def _radius(self, options, divergence):
+        return float(options["radius_scale"]) * float(options["rho"])
 
 
 def _as_groups(params) -> List[Dict[str, Any]]:
@@ -474,6 +653,23 @@ def _as_groups(params) -> List[Dict[str, Any]]:
     if params and isinstance(params[0], dict):
         return [{**g, "params": list(g["params"])} for g in params]
     return [{"params": params}]
+
+
+def _dedup_in_place(name: str, groups: List[Dict[str, Any]]) -> None:
+    """A parameter listed twice in a group (a tied weight from
+    ``named_parameters(remove_duplicate=False)``) would be perturbed and restored twice, and the
+    second backup would hold theta + eps: keep its first occurrence only."""
+    for group in groups:
+        seen, kept = set(), []
+        for p in group["params"]:
+            if id(p) not in seen:
+                seen.add(id(p))
+                kept.append(p)
+        if len(kept) != len(group["params"]):
+            warnings.warn(f"{name}: {len(group['params']) - len(kept)} parameter(s) listed more than "
+                          f"once in a param group (tied weights?); each is used once", UserWarning,
+                          stacklevel=4)
+            group["params"][:] = kept
 
 
 def _check_base_kwargs(name: str, cls: type, kwargs: Dict[str, Any], own: Dict[str, float]) -> None:

@@ -70,6 +70,12 @@ def _autocast(args):
     return torch.bfloat16 if args.bf16 else None
 
 
+def _step_options(args, divergence) -> dict:
+    """The ``TrainStep`` options every engine's run takes from the launcher's flags."""
+    return dict(divergence=divergence, autocast_dtype=_autocast(args), max_grad_norm=args.max_grad_norm,
+                seed=args.seed, target_dropout=getattr(args, "target_dropout", "shared"))
+
+
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -128,8 +134,7 @@ class LocalRun:
             args.method, self.module, lr=args.lr, betas=tuple(args.betas),
             weight_decay=args.weight_decay, sigma=args.sigma, **kwargs)
         self.step = TrainStep(self.model, self.optimizer, trust_region=self.trust_region,
-                              divergence=divergence, autocast_dtype=_autocast(args),
-                              max_grad_norm=args.max_grad_norm, seed=args.seed)
+                              **_step_options(args, divergence))
 
     def save_checkpoint(self, path: Path, client_state: dict) -> None:
         if self.dist.main:
@@ -193,8 +198,7 @@ class FSDP2Run:
             args.method, module, lr=args.lr, betas=tuple(args.betas),
             weight_decay=args.weight_decay, sigma=args.sigma, **kwargs)
         self.step = TrainStep(module, self.optimizer, trust_region=self.trust_region,
-                              divergence=divergence, autocast_dtype=_autocast(args),
-                              max_grad_norm=args.max_grad_norm, seed=args.seed)
+                              **_step_options(args, divergence))
 
     def _reshard(self) -> None:
         # a no-grad forward (evaluation) leaves the root unit gathered: state dicts want shards
@@ -293,8 +297,7 @@ class DeepSpeedRun:
         self.model = self.eval_model = self.ds_engine  # ZeRO-3 forwards are collective
         self.optimizer = self.ds_engine.optimizer.optimizer  # the base AdamW: what the schedule drives
         self.step = TrainStep(self.ds_engine, train_optimizer, trust_region=self.trust_region,
-                              divergence=divergence, autocast_dtype=_autocast(args),
-                              max_grad_norm=args.max_grad_norm, seed=args.seed, engine=self.engine)
+                              engine=self.engine, **_step_options(args, divergence))
 
     def save_checkpoint(self, path: Path, client_state: dict) -> None:
         from .checkpoint import save_checkpoint

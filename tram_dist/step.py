@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
@@ -26,29 +27,89 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .divergence import Partial, get_divergence, token_mask
+from .dropout import TARGET_DROPOUT, RNGState, eval_mode
 from .engines import default_engine
 from .engines.base import Engine
 from .optim import PerturbedOptimizer
+from .regularizers import TrustRegionPenalty
 from .trust_region import NoisyInputs, ParamTarget
 
 META_KEYS = ("sample_index",)
 
 
+_DEFERRED = ("loss", "perturbed_loss", "eps_applied", "penalty")
+
+
 @dataclass
 class StepMetrics:
+    """What one step did. Every number is global (the same on every rank) except ``tokens``.
+
+    ``loss``, ``perturbed_loss``, ``eps_applied`` and ``penalty`` need a sum over ranks; the step starts it
+    as one non-blocking all-reduce after pass 2 (or none on one process) and the first read of
+    any of the three waits for it, so the step itself adds no blocking collective or host sync.
+    """
+
     step: int
-    loss: float                        # pass-1 loss (at x + z for TRAMFisher), this rank's tokens
-    perturbed_loss: Optional[float]    # pass-2 loss at theta + eps
-    divergence: Optional[float]        # d, global token-weighted mean (TRAM)
+    loss: Optional[float]              # pass-1 loss (at x + z for TRAMFisher), token-weighted global mean
+    perturbed_loss: Optional[float]    # pass-2 loss at theta + eps, token-weighted global mean
+    divergence: Optional[float]        # d as measured, global token-weighted mean (TRAM)
     grad_norm: Optional[float]         # the perturbation norm ||T g|| (global)
-    eps_norm: Optional[float]          # ||eps||_2 (global)
-    ascent_skipped: bool               # non-finite d or norm: plain descent this step
+    eps_norm: Optional[float]          # ||eps||_2 intended (global, exact in float32)
+    ascent_skipped: bool               # non-finite d or norm, or zero gradient: plain descent
     step_skipped: bool                 # fp16 overflow in pass 1 or 2: no update at all
     tokens: int                        # tokens with labels on this rank
     clip_norm: Optional[float] = None  # pass-2 gradient norm before clipping
+    eps_applied: Optional[float] = None  # ||eps|| as written into the working dtype (global)
+    radius: Optional[float] = None     # the ascent radius used (lambda * max(d, 0) + nu for TRAM)
+    lr: Optional[float] = None         # the base optimizer's lr (first group) for this step
+    divergence_clamped: bool = False   # d < 0 (float rounding around 0) was taken as 0
+    penalty: Optional[float] = None    # TRPO / R3F / MESA: the KL of loss + lambda * KL (pass 1, global mean)
+    _deferred: Any = field(default=None, repr=False, compare=False)
+
+    def __getattribute__(self, name):
+        if name in _DEFERRED:
+            pending = object.__getattribute__(self, "_deferred")
+            if pending is not None:
+                object.__setattr__(self, "_deferred", None)
+                pending.fill(self)
+        return object.__getattribute__(self, name)
 
     def as_dict(self) -> Dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out.pop("_deferred", None)
+        return out
+
+
+class _GlobalSums:
+    """This rank's [pass-1 loss sum, pass-2 loss sum, applied ||eps||^2 partial], summed over
+    the data-parallel group by one async all-reduce, turned into means on first read."""
+
+    def __init__(self, step: "TrainStep", partials: Tensor, n_global: int, *, has_loss2: bool,
+                 has_applied: bool, has_penalty: bool = False):
+        self.step, self.partials, self.n_global = step, partials, n_global
+        self.has_loss2, self.has_applied, self.has_penalty = has_loss2, has_applied, has_penalty
+        engine = step.engine
+        self.work = None
+        if engine.world_size > 1:
+            self.work = dist.all_reduce(partials, op=dist.ReduceOp.SUM, group=engine.dp_group,
+                                        async_op=True)
+
+    def wait(self) -> None:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+
+    def fill(self, m: "StepMetrics") -> None:
+        self.wait()
+        loss_sum, loss2_sum, applied_sq, penalty_sum = self.partials.tolist()
+        n = max(self.n_global, 1)
+        object.__setattr__(m, "loss", loss_sum / n)
+        object.__setattr__(m, "penalty", penalty_sum / n if self.has_penalty else None)
+        object.__setattr__(m, "perturbed_loss", loss2_sum / n if self.has_loss2 else None)
+        if self.has_applied:
+            applied = math.sqrt(max(applied_sq, 0.0))
+            object.__setattr__(m, "eps_applied", applied)
+            self.step._check_applied(applied, object.__getattribute__(m, "eps_norm"))
 
 
 class TrainStep:
@@ -66,11 +127,19 @@ class TrainStep:
         max_grad_norm: clip the pass-2 (descent) gradients to this norm.
         seed: seeds the input noise together with the step and the global sample index.
         engine: the engine adapter; defaults to the optimizer's (single process / DDP).
+        target_dropout: how the target forward sees dropout (see ``tram_dist.dropout``):
+            ``"shared"`` (default: the masks of the pass-1 forward it is compared with, so d
+            measures the trust region and not dropout noise), ``"off"`` (eval mode) or
+            ``"independent"`` (fresh masks, as the authors' code).
+
+    Every call puts the model in train mode (as ``transformers.Trainer`` does); evaluation
+    helpers put it in eval mode and back.
     """
 
     def __init__(self, model, optimizer, *, trust_region=None, divergence="kl", autocast_dtype=None,
                  scaler=None, max_grad_norm: Optional[float] = None, seed: int = 0,
-                 engine: Optional[Engine] = None, causal: Optional[bool] = None):
+                 engine: Optional[Engine] = None, causal: Optional[bool] = None,
+                 target_dropout: str = "shared"):
         self.model = model
         self.optimizer = optimizer
         self.perturbed = isinstance(optimizer, PerturbedOptimizer)
@@ -87,20 +156,40 @@ class TrainStep:
         self.max_grad_norm = max_grad_norm
         self.seed = int(seed)
         self.causal = causal
+        if target_dropout not in TARGET_DROPOUT:
+            raise ValueError(f"target_dropout must be one of {', '.join(TARGET_DROPOUT)}, got {target_dropout!r}")
+        self.target_dropout = target_dropout
+        self._warned_applied = False
+        self._pending: Optional[_GlobalSums] = None
         self._warned_index = False
         self._baseline_steps = 0
+        self.penalty = trust_region if isinstance(trust_region, TrustRegionPenalty) else None
         self._check_method()
-        if isinstance(trust_region, ParamTarget):
-            optimizer.attach_trust_region(trust_region)
+        target = self.penalty.target if self.penalty is not None else trust_region
+        if isinstance(target, ParamTarget):
+            optimizer.attach_trust_region(target)
 
     def _check_method(self) -> None:
         opt, tr = self.optimizer, self.trust_region
         if not self.perturbed:
+            if isinstance(tr, TrustRegionPenalty):
+                raise ValueError(f"{tr!r} keeps its target beside each parameter slice: wrap "
+                                 f"{type(opt).__name__} in tram_dist.optim.Descent (build_method "
+                                 f"'{tr.name}' does)")
             if tr is not None:
                 raise ValueError(f"trust_region={tr!r} needs a TRAM optimizer; {type(opt).__name__} "
                                  f"takes none")
             return
         name = type(opt).__name__
+        if self.penalty is not None:
+            if opt.needs_divergence or opt.pass1_at_noised_inputs:
+                raise ValueError(f"{tr!r} is a regularizer of the loss; {name} sizes its ascent by "
+                                 f"its own trust region: use Descent or ASAM with it (build_method "
+                                 f"'{tr.name}' or 'asam+{tr.name}')")
+            return
+        if not opt.has_ascent:
+            raise ValueError(f"{name} has no ascent: give it a TrustRegionPenalty (build_method "
+                             f"'trpo', 'r3f' or 'mesa'), or use the base optimizer alone")
         if opt.needs_divergence and not isinstance(tr, (NoisyInputs, ParamTarget)):
             raise ValueError(f"{name} needs a trust region: NoisyInputs(sigma), PreviousParams(), "
                              f"PretrainedParams() or EMAParams(decay); got {tr!r}")
@@ -147,12 +236,14 @@ class TrainStep:
             return (labels[:, 1:] != -100).sum()
         return (labels != -100).sum()
 
-    def _global_tokens(self, n_local: int) -> int:
+    def _global_counts(self, n_local: int, seqs_local: int):
+        """(labelled tokens, sequences) of the global batch: one small all-reduce."""
         if self.engine.world_size == 1:
-            return n_local
-        t = torch.tensor([float(n_local)], device=self.engine_device())
+            return n_local, seqs_local
+        t = torch.tensor([float(n_local), float(seqs_local)], device=self.engine_device())
         self.engine.all_reduce_sum_(t)
-        return int(t.item())
+        tokens, seqs = t.tolist()
+        return int(tokens), int(seqs)
 
     def engine_device(self):
         return next(iter(self.model.parameters())).device
@@ -172,6 +263,10 @@ class TrainStep:
             micro_batches = [micro_batches]
         if not micro_batches:
             raise ValueError("TrainStep needs at least one micro-batch")
+        if self._pending is not None:  # last step's metric sums: long done, never left unwaited
+            self._pending.wait()
+            self._pending = None
+        self.model.train()
         parts, offset = [], 0
         for mb in micro_batches:
             inputs, index = self._split(mb, offset)
@@ -179,16 +274,18 @@ class TrainStep:
             parts.append((inputs, index))
         counts = torch.stack([self._count(inputs) for inputs, _ in parts]).tolist()  # one sync
         n_local = sum(counts)
-        n_global = self._global_tokens(n_local)
+        n_global, self._seqs_global = self._global_counts(n_local, offset)
         if n_global == 0:
             raise ValueError("the global batch has no token with a label (all labels are -100)")
         world = self.engine.world_size
         # engines average gradients over ranks: weight each micro-batch mean by its token share
         weights = [c * world / n_global for c in counts]
         try:
+            if self.penalty is not None:
+                return self._penalized_step(parts, counts, weights, n_local, n_global)
             if self.perturbed:
                 return self._perturbed_step(parts, counts, weights, n_local, n_global)
-            return self._plain_step(parts, counts, weights, n_local)
+            return self._plain_step(parts, counts, weights, n_local, n_global)
         except BaseException:
             if self.perturbed:
                 self.optimizer.restore()
@@ -206,14 +303,33 @@ class TrainStep:
             del out
         return loss_sum
 
+    def _released(self) -> bool:
+        return getattr(self.optimizer, "divergence_reduction", "token_mean") == "released"
+
+    def _divergence_denominator(self, n_global: int, parts) -> float:
+        """d is a mean over the labelled tokens; the released code's d' (``TRAMReleased``) is
+        F.kl_div's mean over every element (sequences x positions x vocabulary) divided
+        again by the number of sequences (here of the global batch)."""
+        if not self._released():
+            return float(n_global)
+        elements_per_sequence = self._logit_elements_per_sequence
+        return float(self._seqs_global) ** 2 * elements_per_sequence
+
     def _divergence_sum(self, target_logits: Tensor, logits: Tensor, inputs) -> Tensor:
-        """Sum over this micro-batch's labelled tokens of d(target || current)."""
+        """Sum over this micro-batch's labelled tokens of d(target || current) (every position
+        for the released code's d', whose mean has no mask)."""
+        if self._released():
+            self._logit_elements_per_sequence = logits[0].numel()
+            mask = torch.ones(logits.shape[:-1], dtype=torch.bool, device=logits.device)
+            total, _ = self.divergence(target_logits, logits, mask)
+            return total.float()
         mask = token_mask(logits, inputs.get("labels"), inputs.get("attention_mask"),
                           causal=self._is_causal(logits))
         total, _ = self.divergence(target_logits, logits, mask)
         return total.float()
 
-    def _plain_step(self, parts, counts, weights, n_local) -> StepMetrics:
+    def _plain_step(self, parts, counts, weights, n_local, n_global) -> StepMetrics:
+        lr = _lr_of(self.optimizer)
         loss_sum = self._forward_backward(parts, counts, weights)
         clip = None
         skipped = False
@@ -231,59 +347,61 @@ class TrainStep:
             self.engine.base_step()
         opt.zero_grad(set_to_none=True)
         self._baseline_steps += 1
-        return StepMetrics(step=self._baseline_steps, loss=float(loss_sum) / max(n_local, 1), perturbed_loss=None,
-                           divergence=None, grad_norm=None, eps_norm=None, ascent_skipped=False,
-                           step_skipped=skipped, tokens=n_local, clip_norm=clip)
+        return self._metrics(self._baseline_steps, loss_sum, None, n_local, n_global, None, lr=lr,
+                             step_skipped=skipped, clip=clip)
 
     def _perturbed_step(self, parts, counts, weights, n_local, n_global) -> StepMetrics:
         opt, tr, scaler = self.optimizer, self.trust_region, self.scaler
         step = opt.step_count
-        last = len(parts) - 1
+        lr = _lr_of(opt)
         noisy_pass1 = opt.pass1_at_noised_inputs
         noisy_target = opt.needs_divergence and isinstance(tr, NoisyInputs)
         param_target = opt.needs_divergence and isinstance(tr, ParamTarget)
-        d_sum = torch.zeros((), dtype=torch.float32, device=self.engine_device())
-        kept_logits: List[Tensor] = []
-        loss_sum = 0.0
+        share_masks = opt.needs_divergence and self.target_dropout == "shared"
+        device = self.engine_device()
+        d_sum = torch.zeros((), dtype=torch.float32, device=device)
+        kept: List[tuple] = []  # (pass-1 logits, the RNG state their forward started from)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=device)
 
         # pass 1: gradient at theta (at x + z for TRAMFisher)
         for i, (inputs, index) in enumerate(parts):
             noise = (tr.applied(self.model, seed=self.seed, step=step, sample_index=index)
                      if noisy_pass1 else contextlib.nullcontext())
+            rng = RNGState.capture(device) if share_masks else None
             with self._autocast(), noise:
                 out = self.model(**inputs)
-            loss_sum = loss_sum + out.loss.detach().float() * counts[i]
-            self._backward(out.loss, weights[i], sync=i == last)
+            loss_sum += out.loss.detach().float() * counts[i]
+            self._backward(out.loss, weights[i], sync=i == len(parts) - 1)
             logits = out.logits.detach() if opt.needs_divergence else None
             del out
             if noisy_target:  # d_x: same parameters, inputs x + z
-                d_sum = d_sum + self._divergence_at_noise(inputs, index, logits, step)
+                d_sum += self._divergence_at_noise(inputs, index, logits, step, rng)
             elif param_target:
-                kept_logits.append(logits)
+                kept.append((logits, rng))
             del logits
 
         if scaler is not None:
             scaler.unscale_(opt)
             if _found_inf(scaler, opt):
-                before = scaler.get_scale()
                 opt.zero_grad(set_to_none=True)
                 scaler.update()
-                return self._metrics(step, loss_sum, None, n_local, None, step_skipped=True)
+                return self._metrics(step, loss_sum, None, n_local, n_global, None, lr=lr,
+                                     step_skipped=True)
 
         # the target forward at theta_{t-1} / theta_0 / EMA, swapped into the parameters in place
         if param_target:
             opt.swap_in_target()
             inner = self._no_grad_model()
-            for (inputs, _), logits in zip(parts, kept_logits):
-                with torch.no_grad(), self._autocast():
+            for (inputs, _), (logits, rng) in zip(parts, kept):
+                with torch.no_grad(), self._autocast(), self._target_dropout(inner, rng):
                     target_logits = inner(**inputs).logits
-                d_sum = d_sum + self._divergence_sum(target_logits, logits, inputs).to(d_sum.device)
+                d_sum += self._divergence_sum(target_logits, logits, inputs).to(device)
                 del target_logits
-            kept_logits.clear()
+            kept.clear()
 
         divergence = None
         if opt.needs_divergence:
-            local = d_sum / n_global
+            local = d_sum / self._divergence_denominator(n_global, parts)
             divergence = Partial(local) if self.engine.world_size > 1 else local
         ascent = opt.first_step(divergence, zero_grad=True)
 
@@ -296,26 +414,141 @@ class TrainStep:
         if scaler is not None:
             scaler.update()
             skipped = scaler.get_scale() < before
-        return self._metrics(step + 1, loss_sum, loss2_sum, n_local, ascent, step_skipped=skipped,
-                             clip=None if clip is None else float(clip))
+        return self._metrics(step + 1, loss_sum, loss2_sum, n_local, n_global, ascent, lr=lr,
+                             step_skipped=skipped, clip=None if clip is None else float(clip))
 
-    def _divergence_at_noise(self, inputs, index, logits, step) -> Tensor:
+    def _penalized_step(self, parts, counts, weights, n_local, n_global) -> StepMetrics:
+        """loss + lambda * KL (TRPO, MESA, R3F), alone (Descent) or under ASAM's ascent.
+
+        TRPO / MESA: one no-grad target forward per micro-batch at the swapped-in theta_{t-1} /
+        EMA, kept for both passes. R3F: a second forward at x + z in every pass, with gradient.
+        """
+        opt, pen, scaler = self.optimizer, self.penalty, self.scaler
+        step = opt.step_count
+        lr = _lr_of(opt)
+        device = self.engine_device()
+        rngs: List[Optional[RNGState]] = [None] * len(parts)
+        targets = None
+        if isinstance(pen.target, ParamTarget):
+            opt.swap_in_target(before_backward=True)
+            inner = self._no_grad_model()
+            targets = []
+            for i, (inputs, _) in enumerate(parts):
+                if self.target_dropout == "shared":
+                    rngs[i] = RNGState.capture(device)
+                off = eval_mode(inner) if self.target_dropout == "off" else contextlib.nullcontext()
+                with torch.no_grad(), self._autocast(), off:
+                    targets.append(inner(**inputs).logits.detach())
+            opt.swap_out_target()
+
+        loss_sum, penalty_sum = self._penalized_passes(parts, counts, weights, targets, rngs, step)
+        ascent, loss2_sum = None, None
+        if opt.has_ascent:
+            if scaler is not None:
+                scaler.unscale_(opt)
+                if _found_inf(scaler, opt):
+                    opt.zero_grad(set_to_none=True)
+                    scaler.update()
+                    return self._metrics(step, loss_sum, None, n_local, n_global, None, lr=lr,
+                                         step_skipped=True, penalty_sum=penalty_sum)
+            ascent = opt.first_step(None, zero_grad=True)
+            loss2_sum, _ = self._penalized_passes(parts, counts, weights, targets, rngs, step)
+        before = scaler.get_scale() if scaler is not None else None
+        clip = opt.second_step(scaler=scaler, max_grad_norm=self.max_grad_norm)
+        skipped = False
+        if scaler is not None:
+            scaler.update()
+            skipped = scaler.get_scale() < before
+        return self._metrics(step + 1, loss_sum, loss2_sum, n_local, n_global, ascent, lr=lr,
+                             step_skipped=skipped, clip=None if clip is None else float(clip),
+                             penalty_sum=penalty_sum)
+
+    def _penalized_passes(self, parts, counts, weights, targets, rngs, step):
+        """One forward + backward of loss + lambda * KL over every micro-batch; returns the
+        token-weighted loss sum and the KL sum (both detached)."""
+        pen = self.penalty
+        device = self.engine_device()
+        loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+        penalty_sum = torch.zeros((), dtype=torch.float32, device=device)
+        for i, (inputs, index) in enumerate(parts):
+            if pen.noisy and rngs[i] is None and self.target_dropout == "shared":
+                rngs[i] = RNGState.capture(device)  # the clean forward's masks, for x + z
+                replay = contextlib.nullcontext()
+            else:
+                replay = rngs[i].replayed() if rngs[i] is not None else contextlib.nullcontext()
+            with self._autocast(), replay:
+                out = self.model(**inputs)
+            if pen.noisy:  # R3F: the same model at x + z, with gradient
+                with self._autocast(), self._target_dropout(self.model, rngs[i]), \
+                        pen.target.applied(self.model, seed=self.seed, step=step, sample_index=index):
+                    target_logits = self.model(**inputs).logits
+            else:
+                target_logits = targets[i]
+            mask = token_mask(out.logits, inputs.get("labels"), inputs.get("attention_mask"),
+                              causal=self._is_causal(out.logits))
+            kl = pen.kl_sum(target_logits, out.logits, mask)
+            total = out.loss + pen.lam * kl / max(counts[i], 1)
+            loss_sum += out.loss.detach().float() * counts[i]
+            penalty_sum += kl.detach().float()
+            self._backward(total, weights[i], sync=i == len(parts) - 1)
+            del out, target_logits, kl, total
+        return loss_sum, penalty_sum
+
+    def _target_dropout(self, model, rng: Optional[RNGState]):
+        """The dropout the target forward sees (``target_dropout``)."""
+        if self.target_dropout == "off":
+            return eval_mode(model)
+        if self.target_dropout == "shared" and rng is not None:
+            return rng.replayed()
+        return contextlib.nullcontext()
+
+    def _divergence_at_noise(self, inputs, index, logits, step, rng) -> Tensor:
         inner = self._no_grad_model()
-        with torch.no_grad(), self._autocast(), \
+        with torch.no_grad(), self._autocast(), self._target_dropout(inner, rng), \
                 self.trust_region.applied(inner, seed=self.seed, step=step, sample_index=index):
             target_logits = inner(**inputs).logits
         return self._divergence_sum(target_logits, logits, inputs)
 
-    @staticmethod
-    def _metrics(step, loss_sum, loss2_sum, n_local, ascent, *, step_skipped, clip=None) -> StepMetrics:
+    def _metrics(self, step, loss_sum, loss2_sum, n_local, n_global, ascent, *, lr, step_skipped,
+                 clip=None, penalty_sum=None) -> StepMetrics:
         ascent = ascent or {}
-        n = max(n_local, 1)
+        device = loss_sum.device
+        applied = ascent.get("applied_sq")
+        if applied is not None and not self.engine.grads_sharded and self.engine.world_size > 1:
+            # replicated parameters: every rank wrote the same eps; count it once
+            rank = dist.get_rank(self.engine.dp_group)
+            applied = applied if rank == 0 else torch.zeros_like(applied)
+        zero = torch.zeros((), dtype=torch.float32, device=device)
+        partials = torch.stack([loss_sum.float().reshape(()),
+                                (loss2_sum if loss2_sum is not None else zero).float().reshape(()).to(device),
+                                (applied if applied is not None else zero).reshape(()).to(device),
+                                (penalty_sum if penalty_sum is not None else zero).float().reshape(()).to(device)])
+        sums = _GlobalSums(self, partials, n_global, has_loss2=loss2_sum is not None,
+                           has_applied=applied is not None, has_penalty=penalty_sum is not None)
+        self._pending = sums
         return StepMetrics(
-            step=step, loss=float(loss_sum) / n,
-            perturbed_loss=None if loss2_sum is None else float(loss2_sum) / n,
+            step=step, loss=None, perturbed_loss=None,
             divergence=ascent.get("divergence"), grad_norm=ascent.get("grad_norm"),
             eps_norm=ascent.get("eps_norm"), ascent_skipped=bool(ascent.get("ascent_skipped", False)),
-            step_skipped=step_skipped, tokens=n_local, clip_norm=clip)
+            step_skipped=step_skipped, tokens=n_local, clip_norm=clip,
+            eps_applied=0.0 if ascent.get("ascent_skipped") else None,
+            radius=ascent.get("radius"), lr=lr,
+            divergence_clamped=bool(ascent.get("divergence_clamped", False)), _deferred=sums)
+
+    def _check_applied(self, applied: float, intended: Optional[float]) -> None:
+        if self._warned_applied or not intended or applied >= 0.5 * intended:
+            return
+        self._warned_applied = True
+        warnings.warn(
+            f"only {applied:.3g} of the intended ||eps|| = {intended:.3g} survived rounding to the "
+            f"working dtype: the ascent hardly happens (bf16 keeps 8 bits of mantissa). Use fp32 "
+            f"working parameters (bf16 autocast instead), or a larger radius (radius_scale / rho); "
+            f"StepMetrics.eps_applied reports it every step. Shown once.", RuntimeWarning, stacklevel=2)
+
+
+def _lr_of(optimizer) -> Optional[float]:
+    groups = getattr(optimizer, "param_groups", None)
+    return float(groups[0]["lr"]) if groups else None
 
 
 def _found_inf(scaler, optimizer) -> bool:

@@ -80,3 +80,100 @@ def test_deepspeed_accepts_the_resolved_config():
                             **{**RUN, "world_size": 1, "grad_accum": 8})
     parsed = ds_config.DeepSpeedConfig(cfg)
     assert parsed.zero_optimization_stage == 3 and parsed.train_batch_size == 16
+
+
+# --- resolve_autos: what tram_dist.engines.deepspeed.initialize fills ----------------------------
+ADAMW = {"lr": 2e-5, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.01, "amsgrad": False}
+
+
+@pytest.mark.parametrize("name", ["zero1", "zero2", "zero3"])
+def test_resolve_autos_fills_the_presets(name):
+    from tram_dist.ds_config import has_auto, resolve_autos
+
+    raw = json.loads((CONFIGS / f"{name}.json").read_text())
+    cfg = resolve_autos(raw, world_size=2, optimizer_defaults=ADAMW, bf16=True, hidden_size=64,
+                        train_micro_batch_size_per_gpu=4, gradient_accumulation_steps=2)
+    assert not has_auto(cfg) and "_comments" not in cfg and "_comments" in raw  # input untouched
+    assert (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) \
+        == (16, 4, 2)
+    assert cfg["gradient_clipping"] == 0.0  # TrainStep(max_grad_norm=...) clips, not DeepSpeed
+    assert cfg["optimizer"]["params"] == {"lr": 2e-5, "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.01}
+    assert cfg["bf16"]["enabled"] is True and cfg["zero_optimization"]["reduce_bucket_size"] == 64 * 64
+
+
+@pytest.mark.parametrize("kw,expected", [
+    (dict(train_batch_size=16, gradient_accumulation_steps=2), (16, 4, 2)),   # micro derived
+    (dict(train_batch_size=16, train_micro_batch_size_per_gpu=2), (16, 2, 4)),  # accumulation derived
+])
+def test_resolve_autos_derives_one_batch_field(kw, expected):
+    from tram_dist.ds_config import resolve_autos
+
+    cfg = resolve_autos(json.loads((CONFIGS / "zero2.json").read_text()), world_size=2,
+                        optimizer_defaults=ADAMW, **kw)
+    got = (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"])
+    assert got == expected and cfg["bf16"]["enabled"] is False
+
+
+def test_resolve_autos_without_auto_is_unchanged():
+    from tram_dist.ds_config import resolve_autos
+
+    cfg = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 2}, "_comments": {}}
+    assert resolve_autos(cfg, world_size=4, optimizer_defaults=ADAMW) == cfg
+
+
+@pytest.mark.parametrize("kw,field,hint", [
+    ({}, "train_micro_batch_size_per_gpu", "pass train_micro_batch_size_per_gpu=N"),
+    (dict(train_micro_batch_size_per_gpu=4), "gradient_accumulation_steps",
+     "pass gradient_accumulation_steps=N (micro-batches per TrainStep call)"),
+    (dict(train_batch_size=10, gradient_accumulation_steps=1), "train_micro_batch_size_per_gpu",
+     "cannot derive it from train_batch_size=10, gradient_accumulation_steps=1 and world size 4"),
+])
+def test_resolve_autos_unresolved_batch_field_is_one_line(kw, field, hint):
+    from tram_dist.ds_config import resolve_autos
+
+    with pytest.raises(ValueError) as e:
+        resolve_autos(json.loads((CONFIGS / "zero2.json").read_text()), world_size=4,
+                      optimizer_defaults=ADAMW, source="configs/zero2.json", **kw)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f'configs/zero2.json: {field} is "auto"') and hint in msg
+
+
+def test_resolve_autos_other_unresolved_and_contradictions():
+    from tram_dist.ds_config import resolve_autos
+
+    base = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 1}
+    with pytest.raises(ValueError, match=r'scheduler\.params\.warmup_num_steps is "auto" but initialize\(\) '
+                                         r"cannot determine it; write a value in the config"):
+        resolve_autos({**base, "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": "auto"}}},
+                      world_size=1, optimizer_defaults=ADAMW, train_micro_batch_size_per_gpu=2)
+    with pytest.raises(ValueError, match=r"train_micro_batch_size_per_gpu is 8 but initialize\(\) got "
+                                         r"train_micro_batch_size_per_gpu=2"):
+        resolve_autos({"train_micro_batch_size_per_gpu": 8, "gradient_clipping": "auto"}, world_size=1,
+                      optimizer_defaults=ADAMW, train_micro_batch_size_per_gpu=2)
+    with pytest.raises(ValueError, match=r"optimizer\.params\.lr is 0\.0001 but the run has lr=2e-05"):
+        resolve_autos({**base, "optimizer": {"params": {"lr": 1e-4, "eps": "auto"}}}, world_size=1,
+                      optimizer_defaults=ADAMW, train_micro_batch_size_per_gpu=2)
+
+
+def test_resolve_autos_keeps_deepspeed_defaults_and_concrete_values():
+    from tram_dist.ds_config import resolve_autos
+
+    # an fp32 model with bf16.enabled true in the file: the file wins (DeepSpeed casts the model)
+    cfg = resolve_autos({"train_micro_batch_size_per_gpu": "auto", "bf16": {"enabled": True},
+                         "optimizer": {"params": {"betas": "auto"}}},
+                        world_size=2, optimizer_defaults={"lr": 0.1, "momentum": 0.9},  # SGD: no betas
+                        bf16=False, train_micro_batch_size_per_gpu=3)
+    assert cfg["bf16"]["enabled"] is True and cfg["gradient_clipping"] == 1.0  # DeepSpeed's default
+    assert (cfg["train_batch_size"], cfg["gradient_accumulation_steps"]) == (6, 1)
+    assert cfg["optimizer"]["params"] == {}
+
+
+def test_deepspeed_accepts_the_initialize_config():
+    ds_config = pytest.importorskip("deepspeed.runtime.config")
+    from tram_dist.ds_config import resolve_autos
+
+    cfg = resolve_autos(json.loads((CONFIGS / "zero3.json").read_text()), world_size=1,
+                        optimizer_defaults=ADAMW, hidden_size=64, train_micro_batch_size_per_gpu=2,
+                        gradient_accumulation_steps=4)
+    parsed = ds_config.DeepSpeedConfig(cfg)
+    assert parsed.zero_optimization_stage == 3 and parsed.train_batch_size == 8

@@ -34,6 +34,8 @@ BASE = dict(lr=LR, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0)
 ENGINES_FP32 = ("ddp", "fsdp2", "zero1", "zero2", "zero3")
 ENGINES_BF16 = ("fsdp2-bf16", "zero1-bf16", "zero2-bf16", "zero3-bf16")
 METHODS = ("adamw", "sam", "asam", "tram-x", "tram-theta-prev", "tram-theta0", "tram-fisher")
+# Table 3's trust-region regularizers (MESA's decay is 0.9 here so 3 steps move its target)
+REGULARIZER_METHODS = ("trpo", "r3f", "mesa", "asam+trpo", "asam+r3f", "asam+mesa")
 
 
 # ------------------------------------------------------------------------------------------
@@ -77,7 +79,15 @@ def rank_micro_batches(batch, rank: int, world: int, accum: int = 1) -> List[Dic
 # ------------------------------------------------------------------------------------------
 def method_spec(method: str):
     from tram_dist import ASAM, SAM, TRAM, EMAParams, NoisyInputs, PretrainedParams, PreviousParams, TRAMFisher
+    from tram_dist.optim import Descent
+    from tram_dist.regularizers import TrustRegionPenalty as Penalty
 
+    penalties = {"trpo": lambda: Penalty(PreviousParams(), 0.1, name="trpo"),
+                 "r3f": lambda: Penalty(NoisyInputs(SIGMA), 1.0, name="r3f"),
+                 "mesa": lambda: Penalty(EMAParams(0.9), 0.1, name="mesa")}
+    if method in REGULARIZER_METHODS:
+        base, _, name = method.rpartition("+")
+        return (ASAM, {"rho": 0.5, "eta": 0.01}, penalties[name]) if base else (Descent, {}, penalties[name])
     return {
         "adamw": (None, {}, None),
         "sam": (SAM, {"rho": 0.05}, None),

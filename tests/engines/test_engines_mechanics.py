@@ -16,14 +16,16 @@ import torch
 import engines_harness as H
 
 MEM_ENGINES = ("ddp", "fsdp2", "fsdp2-bf16", "zero1", "zero2", "zero3", "zero1-bf16", "zero2-bf16", "zero3-bf16")
-MEM_METHODS = ("sam", "tram-x", "tram-fisher", "tram-theta-prev", "tram-theta0", "tram-ema")
+MEM_METHODS = ("sam", "tram-x", "tram-fisher", "tram-theta-prev", "tram-theta0", "tram-ema",
+               "trpo", "r3f", "mesa")
 COUNT_ENGINES = ("ddp", "fsdp2", "fsdp2-bf16", "zero1", "zero2", "zero3", "zero2-bf16", "zero3-bf16")
 COUNT_METHODS = ("adamw", "sam", "tram-x", "tram-theta-prev")
 RESTORE_ENGINES = ("fsdp2-bf16", "zero1", "zero2-bf16", "zero3-bf16", "zero3")
 
 # bytes TRAM holds per trainable element of this rank's slices (docs/engines.md):
 #   backup (working precision) where the engine has no separate master, plus the target of
-#   TRAM-d_theta (working precision; EMA in the master's, fp32)
+#   TRAM-d_theta (working precision; EMA in the master's, fp32); TRPO and MESA hold what
+#   TRAM-d_theta(t-1) and the EMA variant hold (their target swaps through the backup)
 NO_PARAM_TARGET = ("sam", "tram-x", "tram-fisher")
 
 
@@ -36,9 +38,11 @@ def budget_per_element(engine: str, method: str, needs_backup: bool) -> int:
         backup = 4 if needs_backup else 0
     else:
         backup = 4  # DDP, FSDP2: the fp32 shard is the master (also under bf16 compute)
+    if method == "r3f":
+        return 0  # no ascent and no swapped-in target: Descent holds nothing
     if method in NO_PARAM_TARGET:
         return backup
-    if method == "tram-ema":
+    if method in ("tram-ema", "mesa"):
         return backup + 4
     return backup + (2 if (bf16 and engine.startswith("zero")) else 4)
 
@@ -159,12 +163,14 @@ def test_skipped_deepspeed_step_restores_working_params(results, engine):
 def test_sam_step_is_two_adamw_passes_plus_tram(results, engine):
     """Whole-step accounting against the AdamW step under the same engine: a SAM step runs
     the passes twice and adds only TRAM's own collectives (the base step is the same).
-    (The token count all-reduce of TrainStep appears once in both; DDP's gradient buckets go
+    (TrainStep's token count and metric all-reduces appear once in both; DDP's gradient buckets go
     through its C++ reducer and are not visible here. ZeRO-3's parameter prefetching differs
     between a first and a repeated pass, so it is left out.)"""
     from collections import Counter
     counts = results[2]["counts"]
     adamw, sam = Counter(counts[(engine, "adamw", False)]["other"]), Counter(counts[(engine, "sam", False)]["other"])
-    tokens = Counter({"all_reduce": 1})
+    # TrainStep's own, once per step whatever the method: the token count (blocking) and the
+    # metrics' sums (losses, applied ||eps||: one async all-reduce, waited when read)
+    tokens = Counter({"all_reduce": 2})
     passes = adamw - tokens
     assert sam == tokens + passes + passes, (engine, adamw, sam)

@@ -51,6 +51,17 @@ def m2d2(root, splits=("train", "valid", "test")):
     (["--lr", "0"], "--lr 0.0 must be > 0"),
     (["--method", "sam", "--method-arg", "rho=-1", "--max-steps", "0"], "--method sam: SAM: rho must be"),
     (["--model", "/nonexistent/model"], "cannot load"),
+    (["--dropout", "1.5"], "--dropout 1.5: dropout must be a number in [0, 1)"),
+    (["--deepspeed", str(ROOT / "configs" / "zero2.json"), "--analysis"],
+     "--analysis (epsilon-sharpness) runs on single-process, DDP and FSDP2 runs"),
+    (["--method", "sam", "--method-arg", "radius_scale=10", "--max-steps", "0"],
+     "radius_scale sizes TRAM's ascent"),
+    (["--method", "tram-x", "--method-arg", "radius_scale=-1", "--max-steps", "0"],
+     "radius_scale must be a finite number >= 0"),
+    (["--method", "trpo", "--method-arg", "lam=-1", "--max-steps", "0"],
+     "trpo: lambda (lam) must be a finite number >= 0"),
+    (["--method", "mesa", "--method-arg", "decay=1", "--max-steps", "0"],
+     "mesa: decay must be a number in [0, 1)"),
 ])
 def test_bad_flags(argv, expect, capsys, tmp_path):
     assert expect in fails(argv, capsys, tmp_path)

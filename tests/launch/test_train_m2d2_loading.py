@@ -79,3 +79,41 @@ def test_hub_run_from_local_archives(tmp_path, local_model, monkeypatch, one_thr
     assert sorted(asked) == ["data/Art.tar.gz", "data/math_l1.tar.gz"]
     ev = json.loads((out / "eval.json").read_text())
     assert list(ev["domains"]) == ["math_l1", "Art"] and ev["method"] == "adamw"
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _train(tmp_path, local_model, name, *flags):
+    out = tmp_path / name
+    train_m2d2.main(["--model", str(local_model), "--eval-domains", "math", "--max-steps", "2",
+                     "--batch-size", "2", "--block-size", "32", "--lr", "1e-3",
+                     "--method", "tram-theta-prev", "--output-dir", str(out),
+                     "--cache-dir", str(tmp_path / "cache"), *flags])
+    return out
+
+
+def test_pretrained_model_trains_in_train_mode_with_shared_dropout_masks(tmp_path, local_model, one_thread):
+    """from_pretrained hands over a model in eval mode: the launcher still trains with its
+    dropout (0.1 in this config) on. With the target forward sharing the pass-1 masks,
+    d_theta(t-1) at step 1 (target = theta) is 0; drawing fresh masks it is dropout noise."""
+    shared = _metrics(_train(tmp_path, local_model, "shared"))
+    indep = _metrics(_train(tmp_path, local_model, "indep", "--target-dropout", "independent"))
+    assert abs(shared[0]["divergence"]) <= 1e-7
+    assert indep[0]["divergence"] > 1e-5  # train mode: dropout on
+    off = _metrics(_train(tmp_path, local_model, "nodrop", "--target-dropout", "independent",
+                          "--dropout", "0"))
+    assert abs(off[0]["divergence"]) <= 1e-7  # --dropout 0 overrides the config
+    rec = shared[1]
+    for key in ("radius", "eps_norm", "eps_applied", "lr", "divergence_clamped", "perturbed_loss"):
+        assert key in rec, key
+    assert rec["radius"] == pytest.approx(rec["divergence"] + 1e-5, rel=1e-6)
+
+
+def test_analysis_adds_sharpness_and_cka_to_eval(tmp_path, local_model, one_thread):
+    out = _train(tmp_path, local_model, "analysis", "--analysis")
+    ev = json.loads((out / "eval.json").read_text())
+    assert set(ev["analysis"]) == {"sharpness", "cka"}
+    assert ev["analysis"]["sharpness"]["math"] >= 0 and 0 < ev["analysis"]["cka"]["math"] <= 1 + 1e-9
+    assert "epsilon-sharpness" in (out / "eval.md").read_text()

@@ -33,7 +33,9 @@ def run(method, world, rank, out_dir):
     for s in range(STEPS):
         mine = split(global_batch(s), [per_rank] * world)[rank]
         m = step(split(mine, [1] * per_rank) if world > 1 else [mine])
-        log.append([m.divergence, m.grad_norm])
+        log.append([m.divergence, m.grad_norm, m.loss, m.perturbed_loss, m.eps_applied, m.radius])
+    if rank > 0:
+        torch.save(log, os.path.join(out_dir, f"{method}-world{world}-rank{rank}-log.pt"))
     if rank == 0:
         torch.save({"params": {n: p.detach() for n, p in model.named_parameters()}, "log": log},
                    os.path.join(out_dir, f"{method}-world{world}.pt"))

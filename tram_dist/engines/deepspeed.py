@@ -13,7 +13,17 @@ Usage::
 ``initialize(model, None, config, lr=...)`` gives the plain base optimizer (the AdamW
 baseline) on the same engine: ``TrainStep(ds_engine, opt)`` runs it.
 
-Where things live (DeepSpeed 0.19, see docs/engines.md):
+The presets in ``configs/`` (``zero1.json`` ... ``zero3.json``) say "auto" for what the run
+determines; ``initialize`` fills those fields (``tram_dist.ds_config.resolve_autos``), with the
+batch sizes given as keyword arguments::
+
+    ds_engine, opt, engine = tram_ds.initialize(model, TRAM, "configs/zero2.json", nu=1e-5, lr=2e-5,
+                                                train_micro_batch_size_per_gpu=4,
+                                                gradient_accumulation_steps=1)
+
+Where things live (DeepSpeed 0.19; README.md, "Sharded training: DDP, FSDP2, DeepSpeed
+ZeRO-1/2/3, FSDP1", has the user API, the slice table, the collectives and the per-rank
+memory):
 
 * ZeRO-1/2: each parameter's part of this rank's partition is given by ``p._hp_mapping``
   (DeepSpeed's own lp/hp link): the working-precision slice is a view of this rank's partition
@@ -227,6 +237,22 @@ class ZeroEngine(Engine):
         self.publish()
 
 
+_BATCH_KEYWORDS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                   "gradient_clipping")
+
+
+def _world_size() -> int:
+    """DeepSpeed's data-parallel world size before ``deepspeed.initialize`` (no model or
+    pipeline parallelism here): the process group's, else the launcher's WORLD_SIZE."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _model_dtype(model) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
 def initialize(model, method=None, config=None, *, base_optimizer=torch.optim.AdamW, model_parameters=None,
                lr_scheduler=None, **kwargs):
     """``deepspeed.initialize`` with a TRAM-family optimizer on top of the ZeRO optimizer.
@@ -236,10 +262,22 @@ def initialize(model, method=None, config=None, *, base_optimizer=torch.optim.Ad
         method: a ``PerturbedOptimizer`` subclass (``TRAM``, ``SAM``, ``ASAM``, ``FisherSAM``,
             ``TRAMFisher``) or None for the plain base optimizer (the AdamW baseline).
         config: the DeepSpeed config (dict or path); its ``optimizer`` section is ignored
-            (the base optimizer is built here as a client optimizer).
+            (the base optimizer is built here as a client optimizer). Fields that say "auto"
+            (as in ``configs/zero*.json``) are filled by ``tram_dist.ds_config.resolve_autos``:
+            the batch fields from the keyword arguments below (one of the three may be
+            derived from the other two and the world size), ``gradient_clipping`` from its
+            keyword argument or 0.0 (no DeepSpeed clipping: clip with
+            ``TrainStep(max_grad_norm=...)``), the optimizer section from the base
+            optimizer's ``lr``, ``betas``, ``eps``, ``weight_decay``, ``bf16.enabled`` from the
+            model's dtype (bfloat16 or not), the ZeRO bucket sizes from
+            ``model.config.hidden_size``. An "auto" left over raises one ``ValueError``
+            (``DsConfigError``) line naming the field and how to set it.
         base_optimizer: the torch optimizer class ZeRO partitions (AdamW by default).
         model_parameters: parameters or param groups (default: trainable parameters).
         lr_scheduler: passed to ``deepspeed.initialize`` (stepped by ``ds_engine.step()``).
+        train_batch_size, train_micro_batch_size_per_gpu, gradient_accumulation_steps,
+        gradient_clipping: keyword-only; fill the config's "auto" (or missing) fields of the
+            same name; a concrete config value must agree.
         **kwargs: the method's hyperparameters (``nu``, ``rho``, ``eta``, ``on_nonfinite``) and
             the base optimizer's (``lr``, ``betas``, ``weight_decay``, ...).
 
@@ -249,19 +287,31 @@ def initialize(model, method=None, config=None, *, base_optimizer=torch.optim.Ad
     """
     import deepspeed
 
+    from ..ds_config import resolve_autos
+
     own = {}
     if method is not None:
         names = set(method.hyperparameters) | {"on_nonfinite"}
         own = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+    batch = {k: kwargs.pop(k) for k in _BATCH_KEYWORDS if k in kwargs}
+    source = "DeepSpeed config"
     if isinstance(config, (str, os.PathLike)):
+        source = str(config)
         with open(config) as f:
             config = json.load(f)
+    elif batch and not isinstance(config, dict):
+        raise TypeError(f"initialize: {sorted(batch)} fill a config dict or file; got config of type "
+                        f"{type(config).__name__}")
+    params = model_parameters if model_parameters is not None else [p for p in model.parameters() if p.requires_grad]
+    base = base_optimizer(params, **kwargs)
     if isinstance(config, dict):
+        config = resolve_autos(config, world_size=_world_size(), optimizer_defaults=base.defaults,
+                               bf16=_model_dtype(model) == torch.bfloat16,
+                               hidden_size=getattr(getattr(model, "config", None), "hidden_size", None),
+                               source=source, **batch)
         # the base optimizer is a client optimizer built here; DeepSpeed's own section would
         # compete with it
         config = {k: v for k, v in config.items() if k not in ("optimizer", "_comments")}
-    params = model_parameters if model_parameters is not None else [p for p in model.parameters() if p.requires_grad]
-    base = base_optimizer(params, **kwargs)
     ds_engine, zero_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=base, config=config,
                                                             lr_scheduler=lr_scheduler)
     engine = ZeroEngine(ds_engine)
