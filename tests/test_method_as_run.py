@@ -10,7 +10,7 @@ import torch
 from tram_dist import TRAM, TrainStep, build_method
 from tram_dist.dropout import RNGState, eval_mode, set_dropout
 
-from tinymodels import VOCAB, lm_batch, params_of, tiny_gpt2
+from tinymodels import lm_batch, params_of, tiny_gpt2
 
 DROPOUT = dict(resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1)
 

@@ -27,9 +27,7 @@ forward it is compared with (``TrainStep(target_dropout=...)``, see ``tram_dist.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

@@ -351,7 +351,7 @@ class TrainStep:
                              step_skipped=skipped, clip=clip)
 
     def _perturbed_step(self, parts, counts, weights, n_local, n_global) -> StepMetrics:
-        opt, tr, scaler = self.optimizer, self.trust_region, self.scaler
+        opt, tr = self.optimizer, self.trust_region
         step = opt.step_count
         lr = _lr_of(opt)
         noisy_pass1 = opt.pass1_at_noised_inputs
@@ -380,13 +380,9 @@ class TrainStep:
                 kept.append((logits, rng))
             del logits
 
-        if scaler is not None:
-            scaler.unscale_(opt)
-            if _found_inf(scaler, opt):
-                opt.zero_grad(set_to_none=True)
-                scaler.update()
-                return self._metrics(step, loss_sum, None, n_local, n_global, None, lr=lr,
-                                     step_skipped=True)
+        if self._pass1_overflowed():
+            return self._metrics(step, loss_sum, None, n_local, n_global, None, lr=lr,
+                                 step_skipped=True)
 
         # the target forward at theta_{t-1} / theta_0 / EMA, swapped into the parameters in place
         if param_target:
@@ -408,14 +404,9 @@ class TrainStep:
         # pass 2: gradient at theta + eps over the same micro-batches
         loss2_sum = self._forward_backward(parts, counts, weights)
 
-        before = scaler.get_scale() if scaler is not None else None
-        clip = opt.second_step(scaler=scaler, max_grad_norm=self.max_grad_norm)
-        skipped = False
-        if scaler is not None:
-            scaler.update()
-            skipped = scaler.get_scale() < before
+        clip, skipped = self._descend()
         return self._metrics(step + 1, loss_sum, loss2_sum, n_local, n_global, ascent, lr=lr,
-                             step_skipped=skipped, clip=None if clip is None else float(clip))
+                             step_skipped=skipped, clip=clip)
 
     def _penalized_step(self, parts, counts, weights, n_local, n_global) -> StepMetrics:
         """loss + lambda * KL (TRPO, MESA, R3F), alone (Descent) or under ASAM's ascent.
@@ -423,7 +414,7 @@ class TrainStep:
         TRPO / MESA: one no-grad target forward per micro-batch at the swapped-in theta_{t-1} /
         EMA, kept for both passes. R3F: a second forward at x + z in every pass, with gradient.
         """
-        opt, pen, scaler = self.optimizer, self.penalty, self.scaler
+        opt, pen = self.optimizer, self.penalty
         step = opt.step_count
         lr = _lr_of(opt)
         device = self.engine_device()
@@ -444,24 +435,14 @@ class TrainStep:
         loss_sum, penalty_sum = self._penalized_passes(parts, counts, weights, targets, rngs, step)
         ascent, loss2_sum = None, None
         if opt.has_ascent:
-            if scaler is not None:
-                scaler.unscale_(opt)
-                if _found_inf(scaler, opt):
-                    opt.zero_grad(set_to_none=True)
-                    scaler.update()
-                    return self._metrics(step, loss_sum, None, n_local, n_global, None, lr=lr,
-                                         step_skipped=True, penalty_sum=penalty_sum)
+            if self._pass1_overflowed():
+                return self._metrics(step, loss_sum, None, n_local, n_global, None, lr=lr,
+                                     step_skipped=True, penalty_sum=penalty_sum)
             ascent = opt.first_step(None, zero_grad=True)
             loss2_sum, _ = self._penalized_passes(parts, counts, weights, targets, rngs, step)
-        before = scaler.get_scale() if scaler is not None else None
-        clip = opt.second_step(scaler=scaler, max_grad_norm=self.max_grad_norm)
-        skipped = False
-        if scaler is not None:
-            scaler.update()
-            skipped = scaler.get_scale() < before
+        clip, skipped = self._descend()
         return self._metrics(step + 1, loss_sum, loss2_sum, n_local, n_global, ascent, lr=lr,
-                             step_skipped=skipped, clip=None if clip is None else float(clip),
-                             penalty_sum=penalty_sum)
+                             step_skipped=skipped, clip=clip, penalty_sum=penalty_sum)
 
     def _penalized_passes(self, parts, counts, weights, targets, rngs, step):
         """One forward + backward of loss + lambda * KL over every micro-batch; returns the
@@ -493,6 +474,29 @@ class TrainStep:
             self._backward(total, weights[i], sync=i == len(parts) - 1)
             del out, target_logits, kl, total
         return loss_sum, penalty_sum
+
+    def _pass1_overflowed(self) -> bool:
+        """fp16: unscale pass 1's gradients once; on an overflow drop them and skip the step."""
+        scaler, opt = self.scaler, self.optimizer
+        if scaler is None:
+            return False
+        scaler.unscale_(opt)
+        if not _found_inf(scaler, opt):
+            return False
+        opt.zero_grad(set_to_none=True)
+        scaler.update()
+        return True
+
+    def _descend(self):
+        """Restore theta and step the base optimizer on the pass-2 gradients (the scaler's
+        update with it); returns (pass-2 norm before clipping or None, step skipped by fp16)."""
+        scaler = self.scaler
+        before = scaler.get_scale() if scaler is not None else None
+        clip = self.optimizer.second_step(scaler=scaler, max_grad_norm=self.max_grad_norm)
+        if scaler is None:
+            return (None if clip is None else float(clip)), False
+        scaler.update()
+        return (None if clip is None else float(clip)), scaler.get_scale() < before
 
     def _target_dropout(self, model, rng: Optional[RNGState]):
         """The dropout the target forward sees (``target_dropout``)."""

@@ -36,6 +36,25 @@ ENGINES_BF16 = ("fsdp2-bf16", "zero1-bf16", "zero2-bf16", "zero3-bf16")
 METHODS = ("adamw", "sam", "asam", "tram-x", "tram-theta-prev", "tram-theta0", "tram-fisher")
 # Table 3's trust-region regularizers (MESA's decay is 0.9 here so 3 steps move its target)
 REGULARIZER_METHODS = ("trpo", "r3f", "mesa", "asam+trpo", "asam+r3f", "asam+mesa")
+# the authors' released ascent (TRAMReleased) at its default logit_scale 1: ||eps|| ~ 6e-3 here
+RELEASED_METHODS = ("tram-released-x", "tram-released-theta-prev")
+
+
+def dropout_step_one_divergence(rank: int, world: int, engines, methods) -> Dict:
+    """d of the first step with dropout 0.1 in train mode (target_dropout "shared" and
+    "independent"), per (engine, method): with shared masks the target forward draws the
+    pass-1 forward's masks, so d_theta(t-1) (target = theta at step 1) is 0."""
+    out = {}
+    for engine in engines:
+        for method in methods:
+            for mode in ("shared", "independent"):
+                torch.manual_seed(100 + rank)  # dropout streams differ per rank
+                run = Run(engine, method, world, model_overrides=dict(resid_pdrop=0.1, embd_pdrop=0.1,
+                                                                      attn_pdrop=0.1),
+                          step_kwargs={"target_dropout": mode})
+                m = run.step(run.micro_batches(0))
+                out[(engine, method, mode)] = m.divergence if m.divergence is not None else m.penalty
+    return out
 
 
 # ------------------------------------------------------------------------------------------
@@ -85,6 +104,10 @@ def method_spec(method: str):
     penalties = {"trpo": lambda: Penalty(PreviousParams(), 0.1, name="trpo"),
                  "r3f": lambda: Penalty(NoisyInputs(SIGMA), 1.0, name="r3f"),
                  "mesa": lambda: Penalty(EMAParams(0.9), 0.1, name="mesa")}
+    if method in RELEASED_METHODS:
+        from tram_dist import TRAMReleased
+        return (TRAMReleased, {"logit_scale": 1.0},
+                (lambda: NoisyInputs(SIGMA)) if method == "tram-released-x" else PreviousParams)
     if method in REGULARIZER_METHODS:
         base, _, name = method.rpartition("+")
         return (ASAM, {"rho": 0.5, "eta": 0.01}, penalties[name]) if base else (Descent, {}, penalties[name])
