@@ -73,6 +73,7 @@ from tram_dist.evaluate import (eval_summary, evaluate_domains, evaluate_loss, j
 from tram_dist.dropout import set_dropout
 from tram_dist.methods import METHODS
 from tram_dist.runs import RunError, build_run, check_ds_config
+from tram_dist.safe_load import UnsafeCheckpointError, load_tensors
 
 LR_END = 1e-7  # polynomial decay's final lr (Hugging Face's default for this schedule)
 LR_POWER = 1.0  # polynomial decay power (1 = linear decay, HF and fairseq default)
@@ -611,7 +612,7 @@ def train(p: Plan, d: Dist) -> dict:
             scheduler.load_state_dict(client["scheduler"])
         rng = p.resume / f"rng_rank{d.rank}.pt"
         if rng.is_file():
-            state = torch.load(rng, weights_only=False)
+            state = load_tensors(rng)
             torch.set_rng_state(state["torch"])
             if "cuda" in state and torch.cuda.is_available():
                 torch.cuda.set_rng_state(state["cuda"])
@@ -736,7 +737,7 @@ def main(argv=None) -> int:
         d = init_distributed(sharded=bool(args.fsdp or args.deepspeed))
         p = plan(args, d)
         train(p, d)
-    except (DataError, DsConfigError, UsageError) as e:
+    except (DataError, DsConfigError, UsageError, UnsafeCheckpointError) as e:
         if d.main:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

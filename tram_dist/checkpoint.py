@@ -11,7 +11,8 @@ single process / DDP   ``state.pt`` (rank 0 writes; every rank reads): model, ba
 FSDP2                  ``torch.distributed.checkpoint``: model and base optimizer through
                        ``get_model_state_dict`` / ``get_optimizer_state_dict``, and TRAM's
                        target buffers as DTensors sharded like their parameters (so a run can
-                       resume on another world size), plus TRAM's counters
+                       resume on another world size); the client state and TRAM's counters
+                       as JSON (``client.json``, ``tram_meta.json``)
 DeepSpeed ZeRO         DeepSpeed's own checkpoint (``ds_engine.save_checkpoint``: model,
                        per-rank ZeRO optimizer partitions, LR scheduler) and beside its
                        per-rank files ``tram_rank{r:05d}.pt``: this rank's TRAM state
@@ -22,12 +23,14 @@ FSDP1                  model and optimizer through ``torch.distributed.checkpoin
 
 The backup is transient (only alive between the ascent and the descent) and never saved;
 ``PreviousParams`` / ``PretrainedParams`` / ``EMAParams`` targets are. A resumed run continues
-exactly like an uninterrupted one (tests/engines/test_engines_checkpoint.py).
+exactly like an uninterrupted one (tests/engines/test_engines_checkpoint.py). Nothing is
+unpickled on load: ``torch.load(weights_only=True)`` and JSON only, DeepSpeed's reads included
+(``tram_dist.safe_load``).
 """
 from __future__ import annotations
 
+import json
 import os
-import pickle
 from typing import Any, Dict, Optional
 
 import torch
@@ -36,6 +39,7 @@ import torch.distributed as dist
 from .engines import default_engine
 from .engines.fsdp1 import FSDP1Engine
 from .engines.fsdp2 import FSDP2Engine
+from .safe_load import load_tensors, make_deepspeed_loads_safe
 from .trust_region import TARGET
 
 _TRAM_FILE = "tram_rank{:05d}.pt"
@@ -112,13 +116,14 @@ def load_checkpoint(directory: str, model, optimizer, *, tag: Optional[str] = No
     """Restore what ``save_checkpoint`` wrote; returns the client state."""
     engine = _engine_of(optimizer)
     if _is_zero(engine):
+        make_deepspeed_loads_safe(engine.ds)
         load_path, client = engine.ds.load_checkpoint(directory, tag=tag)
         if load_path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory!r} (tag {tag!r})")
         if _perturbed(optimizer):
             path = os.path.dirname(load_path) if os.path.isfile(load_path) else load_path
             tram_path = os.path.join(path, _TRAM_FILE.format(_rank()))
-            saved = torch.load(tram_path, map_location="cpu", weights_only=False)
+            saved = load_tensors(tram_path)
             _check_world(saved, tram_path)
             optimizer.load_tram_state_dict(saved["tram"])
             # DeepSpeed's load rebuilds the base optimizer's group dicts: share them again, so
@@ -132,12 +137,12 @@ def load_checkpoint(directory: str, model, optimizer, *, tag: Optional[str] = No
         client = _load_dcp(path, model, optimizer, with_tram_dtensors=False)
         if _perturbed(optimizer):
             tram_path = os.path.join(path, _TRAM_FILE.format(_rank()))
-            saved = torch.load(tram_path, map_location="cpu", weights_only=False)
+            saved = load_tensors(tram_path)
             _check_world(saved, tram_path)
             optimizer.load_tram_state_dict(saved["tram"])
             optimizer.param_groups = optimizer.base.param_groups
         return client
-    state = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
+    state = load_tensors(os.path.join(path, "state.pt"))
     _inner(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     return state.get("client", {})
@@ -153,7 +158,26 @@ def _check_world(saved, path) -> None:
 def _tram_meta(optimizer) -> Dict[str, Any]:
     own = optimizer.tram_state_dict()
     return {"step_count": own["step_count"], "skipped_ascents": own["skipped_ascents"],
+            "clamped_divergences": own.get("clamped_divergences", 0),
             "trust_region": own["trust_region"]}
+
+
+# Non-tensor state of DCP checkpoints is JSON beside the DCP files (never a pickle, which DCP
+# would have to unpickle): the client state and TRAM's counters, written by rank 0.
+_CLIENT_JSON, _TRAM_META_JSON = "client.json", "tram_meta.json"
+
+
+def _write_json(path: str, name: str, value) -> None:
+    if _rank() == 0:
+        tmp = os.path.join(path, name + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(value, f)
+        os.replace(tmp, os.path.join(path, name))
+
+
+def _read_json(path: str, name: str):
+    with open(os.path.join(path, name)) as f:
+        return json.load(f)
 
 
 def _tram_dtensors(model, optimizer) -> Dict[str, Any]:
@@ -175,14 +199,9 @@ def _state_for_dcp(model, optimizer, client_state, with_tram_dtensors: bool) -> 
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     base = optimizer.base if _perturbed(optimizer) else optimizer
-    # non-tensor values travel pickled: DCP loads leaves into a template, and an empty dict
-    # has none
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, base),
-             "client": pickle.dumps(client_state or {})}
-    if _perturbed(optimizer):
-        state["tram_meta"] = pickle.dumps(_tram_meta(optimizer))
-        if with_tram_dtensors:
-            state["tram"] = _tram_dtensors(model, optimizer)
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, base)}
+    if _perturbed(optimizer) and with_tram_dtensors:
+        state["tram"] = _tram_dtensors(model, optimizer)
     return state
 
 
@@ -190,6 +209,9 @@ def _save_dcp(path, model, optimizer, client_state, with_tram_dtensors: bool) ->
     import torch.distributed.checkpoint as dcp
 
     dcp.save(_state_for_dcp(model, optimizer, client_state, with_tram_dtensors), checkpoint_id=path)
+    _write_json(path, _CLIENT_JSON, client_state or {})
+    if _perturbed(optimizer):
+        _write_json(path, _TRAM_META_JSON, _tram_meta(optimizer))
 
 
 def _load_dcp(path, model, optimizer, with_tram_dtensors: bool) -> Dict[str, Any]:
@@ -213,13 +235,14 @@ def _load_dcp(path, model, optimizer, with_tram_dtensors: bool) -> Dict[str, Any
                         optimizer.state[params[name]][TARGET] = local.clone()
                     elif buf.data_ptr() != local.data_ptr():
                         buf.copy_(local)
-        meta = pickle.loads(state["tram_meta"])
+        meta = _read_json(path, _TRAM_META_JSON)
         optimizer.step_count = int(meta["step_count"])
         optimizer.skipped_ascents = int(meta["skipped_ascents"])
+        optimizer.clamped_divergences = int(meta.get("clamped_divergences", 0))
         if optimizer.trust_region is not None and meta.get("trust_region") is not None:
             optimizer.trust_region.load_state_dict(meta["trust_region"])
         optimizer._phase = "idle"
-    return pickle.loads(state["client"])
+    return _read_json(path, _CLIENT_JSON)
 
 
 __all__ = ["save_checkpoint", "load_checkpoint"]

@@ -50,6 +50,7 @@ import torch.distributed as dist
 
 from .ds_config import DsConfigError, zero_stage
 from .methods import build_method
+from .safe_load import load_tensors
 from .optim import PerturbedOptimizer
 from .step import TrainStep
 
@@ -142,7 +143,7 @@ class LocalRun:
                         "client": client_state}, Path(path) / "state.pt")
 
     def load_checkpoint(self, path: Path) -> dict:
-        state = torch.load(Path(path) / "state.pt", map_location=self.dist.device, weights_only=False)
+        state = load_tensors(Path(path) / "state.pt", map_location=self.dist.device)
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         return state["client"]

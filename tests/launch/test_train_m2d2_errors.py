@@ -138,3 +138,34 @@ def test_resume_under_another_engine(capsys, tmp_path):
     (ckpt / "engine.json").write_text(json.dumps({"engine": "fsdp", "world_size": 2}))
     err = fails(["--resume", str(ckpt)], capsys, tmp_path)
     assert "was written by the fsdp engine, this run is single; resume with the same engine" in err
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_crafted_rng_file_on_resume_is_refused_and_never_runs(capsys, tmp_path):
+    """A checkpoint's rng_rank0.pt replaced by a pickle that runs a shell command: --resume
+    stops with one line naming the file, and the command never runs."""
+    import pickle
+    out = tmp_path / "out"
+    common = ["--max-steps", "1", "--batch-size", "2", "--block-size", "32", "--eval-domains", "math",
+              "--method", "adamw", "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache")]
+    train_m2d2.main([*common, "--save-interval", "1"])
+    ckpt = sorted(out.glob("checkpoint-*"))[-1]
+    marker = tmp_path / "pwned"
+    with open(ckpt / "rng_rank0.pt", "wb") as f:
+        pickle.dump({"torch": _RunsCode(marker)}, f)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train_m2d2.main([*common[:-4], "--max-steps", "2", "--output-dir", str(out),
+                         "--cache-dir", str(tmp_path / "cache"), "--resume"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "rng_rank0.pt" in err and "was not loaded" in err, err
+    assert not marker.exists()
