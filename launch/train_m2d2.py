@@ -72,7 +72,9 @@ from tram_dist.evaluate import (eval_summary, evaluate_domains, evaluate_loss, j
                                 write_eval_json, write_eval_md)
 from tram_dist.dropout import set_dropout
 from tram_dist.methods import METHODS
-from tram_dist.runs import RunError, build_run, check_ds_config
+from tram_dist.runs import RunError, build_run, check_ds_config, parameters_finite
+from tram_dist.checkpoint_files import (CheckpointError, check_same_run, checkpoints, find_resume,
+                                        prune, remove_temporaries, write_manifest)
 from tram_dist.safe_load import UnsafeCheckpointError, load_tensors
 
 LR_END = 1e-7  # polynomial decay's final lr (Hugging Face's default for this schedule)
@@ -140,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--deepspeed", metavar="FILE", help="DeepSpeed config (configs/zero*.json)")
     a("--fsdp", action="store_true", default=False, help="shard with FSDP2 (fully_shard)")
     a("--bf16", action="store_true", default=False, help="bf16 autocast for the passes")
+    a("--overwrite", action="store_true", default=False, help="replace what --output-dir holds "
+      "(without it a used --output-dir is refused unless --resume)")
+    a("--allow-config-change", action="store_true", default=False, help="with --resume: continue "
+      "even if lr, schedule, method, batch or data differ from the checkpoint's (the change is "
+      "recorded in config_changes.jsonl)")
     a("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     return p
 
@@ -321,14 +328,6 @@ def _first_line(e: BaseException) -> str:
 # ---------------------------------------------------------------------------------------------
 # checkpoints
 # ---------------------------------------------------------------------------------------------
-CKPT = re.compile(r"^checkpoint-(\d+)$")
-
-
-def checkpoints(out: Path) -> list[Path]:
-    found = [(int(m.group(1)), p) for p in out.glob("checkpoint-*") if (m := CKPT.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -336,7 +335,8 @@ def _rng_state() -> dict:
     return state
 
 
-def save_checkpoint(run, out: Path, step: int, client_state: dict, d: Dist, keep: int) -> Path:
+def save_checkpoint(run, out: Path, step: int, client_state: dict, d: Dist, keep: int,
+                    run_settings: dict) -> Path:
     """All ranks call. Written under a temporary name, renamed when complete, oldest pruned."""
     final = out / f"checkpoint-{step:08d}"
     tmp = out / f".checkpoint-{step:08d}.tmp"
@@ -349,11 +349,12 @@ def save_checkpoint(run, out: Path, step: int, client_state: dict, d: Dist, keep
     torch.save(_rng_state(), tmp / f"rng_rank{d.rank}.pt")
     barrier()
     if d.main:
+        (tmp / "run.json").write_text(json.dumps(run_settings) + "\n")
+        write_manifest(tmp)  # last: a folder without a valid manifest is incomplete
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        for old in checkpoints(out)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        prune(out, keep)
     barrier()
     return final
 
@@ -375,18 +376,34 @@ def check_resume(path: Path, kind: str, d: Dist) -> None:
                          f"has {d.world_size}; resume on the same number of ranks")
 
 
-def find_resume(resume: str, out: Path) -> Path:
-    if resume == "latest":
-        found = checkpoints(out)
-        if not found:
-            raise UsageError(f"--resume: no checkpoint-* folder in {out}; drop --resume to start "
-                             "fresh or pass a checkpoint folder")
-        return found[-1]
-    path = Path(resume)
-    if not path.is_dir():
-        raise UsageError(f"--resume {path} is not a checkpoint folder; pass checkpoint-N or "
-                         "--resume alone for the latest one in --output-dir")
-    return path
+def resume_point(resume: str, out: Path, d: Dist) -> Path:
+    """The checkpoint to resume from; rank 0 verifies the manifests and tells the others."""
+    path = None
+    if d.main:
+        required = ("engine.json", "run.json", *(f"rng_rank{r}.pt" for r in range(d.world_size)))
+        try:
+            path = str(find_resume(out, resume, required=required))
+        except CheckpointError as e:
+            path = "error: " + str(e)
+    if dist.is_available() and dist.is_initialized():
+        box = [path]
+        dist.broadcast_object_list(box, src=0)  # a string between our own ranks
+        path = box[0]
+    if path.startswith("error: "):
+        raise UsageError(path.removeprefix("error: "))
+    return Path(path)
+
+
+# What a resume must not change silently (the run's trajectory depends on it).
+RUN_SETTINGS = ("model", "method", "method_arg", "sigma", "target_dropout", "dropout", "lr", "betas",
+                "weight_decay", "max_grad_norm", "warmup_steps", "max_steps", "batch_size", "block_size",
+                "seed", "train_domain")
+
+
+def run_settings(args, block_size: int) -> dict:
+    out = {k: getattr(args, k) for k in RUN_SETTINGS if hasattr(args, k)}
+    out["betas"], out["block_size"] = list(out["betas"]), block_size
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -535,18 +552,49 @@ def plan(args, d: Dist) -> Plan:
         if importlib.util.find_spec("deepspeed") is None:
             raise UsageError("--deepspeed needs the deepspeed package: pip install --no-build-isolation "
                              "deepspeed")
-    resume = find_resume(args.resume, Path(args.output_dir)) if args.resume else None
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output-dir {out} is a file; pass a folder")
+    if not args.resume and not args.overwrite and out.is_dir() and any(out.iterdir()):
+        raise UsageError(f"--output-dir {out} already holds a run; pass --resume to continue it, "
+                         "--overwrite to replace it, or another --output-dir")
+    resume = resume_point(args.resume, out, d) if args.resume else None
     if resume is not None:
         check_resume(resume, kind, d)
+        saved = json.loads((resume / "run.json").read_text())
+        try:
+            changed = check_same_run(saved, run_settings(args, block), allow_change=args.allow_config_change)
+        except CheckpointError as e:
+            raise UsageError(str(e)) from None
+        args.config_changes = {k: [saved[k], run_settings(args, block)[k]] for k in changed}
     return Plan(args, kind, tokenizer, source, config, block, micro, accum, domains,
                 method_kwargs, ds_config, resume)
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Keep the records of steps <= ``step`` (a resumed run redoes the ones after it)."""
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+class NonFiniteRun(RuntimeError):
+    """A NaN or infinite loss or parameter: the run stops without exporting (exit code 3)."""
+
+
+def stop_non_finite(out: Path, what: str) -> None:
+    last = checkpoints(out)
+    raise NonFiniteRun(f"{what}; training stopped and nothing was exported (no checkpoint holds NaN). "
+                       f"Last good checkpoint: {last[-1] if last else 'none'}. Lower --lr or add "
+                       "--max-grad-norm, then --resume or start again")
 
 
 def write_resolved_config(p: Plan, d: Dist, out: Path) -> None:
     import yaml
 
     resolved = {k: v for k, v in vars(p.args).items()
-                if k not in ("local_rank", "config", "preset_keys")}
+                if k not in ("local_rank", "config", "preset_keys", "config_changes")}
     resolved["betas"] = list(resolved["betas"])
     resolved.update(block_size=p.block_size, micro_batch_size=p.micro, grad_accum=p.accum,
                     eval_domains=p.eval_domains)
@@ -565,8 +613,14 @@ def train(p: Plan, d: Dist) -> dict:
     args = p.args
     out = Path(args.output_dir)
     if d.main:
+        if args.overwrite and out.is_dir() and not args.resume:
+            shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
+        remove_temporaries(out)  # what an interrupted save left behind
         write_resolved_config(p, d, out)
+        if getattr(args, "config_changes", None):
+            with open(out / "config_changes.jsonl", "a") as f:
+                f.write(json.dumps({"resumed_from": str(p.resume), "changed": args.config_changes}) + "\n")
     barrier()
 
     cache = TokenCache(p.tokenizer, args.cache_dir)
@@ -610,12 +664,17 @@ def train(p: Plan, d: Dist) -> dict:
             loader.load_state_dict(client["data"])
         if scheduler is not None and client.get("scheduler"):
             scheduler.load_state_dict(client["scheduler"])
-        rng = p.resume / f"rng_rank{d.rank}.pt"
-        if rng.is_file():
-            state = load_tensors(rng)
-            torch.set_rng_state(state["torch"])
-            if "cuda" in state and torch.cuda.is_available():
-                torch.cuda.set_rng_state(state["cuda"])
+            if "lr" in getattr(args, "config_changes", {}):  # --allow-config-change: the new peak lr
+                scheduler.base_lrs = [args.lr for _ in scheduler.base_lrs]
+                for group, fn in zip(run.optimizer.param_groups, scheduler.lr_lambdas):
+                    group["lr"] = args.lr * fn(scheduler.last_epoch)
+        state = load_tensors(p.resume / f"rng_rank{d.rank}.pt")  # required by the manifest check
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
+        if d.main:  # the log continues from the resumed step, without the steps that are redone
+            truncate_jsonl(out / "metrics.jsonl", step)
+            truncate_jsonl(out / "evals.jsonl", step)
 
     autocast = torch.bfloat16 if args.bf16 else None
 
@@ -648,6 +707,9 @@ def train(p: Plan, d: Dist) -> dict:
             scheduler.step()
             loss, loss2 = m.loss, m.perturbed_loss  # global; reading them waits for the step
             dt = time.perf_counter() - t0
+            if not math.isfinite(loss) or (loss2 is not None and not math.isfinite(loss2)):
+                bar.close()
+                stop_non_finite(out, f"step {step + 1}: the loss is {loss} (perturbed {loss2})")
             step += 1
             if d.main:
                 rec = {"step": step, "epoch": epoch, "loss": loss, "perturbed_loss": loss2,
@@ -669,9 +731,13 @@ def train(p: Plan, d: Dist) -> dict:
             if args.eval_interval and step % args.eval_interval == 0 and step < args.max_steps:
                 history.append(evaluate(step))
             if args.save_interval and step % args.save_interval == 0:
+                if not parameters_finite(run.module, d.device):
+                    bar.close()
+                    stop_non_finite(out, f"step {step}: a parameter is NaN or infinite after the update")
                 client = {"step": step, "method": args.method, "data": loader.state_dict(),
                           "scheduler": scheduler.state_dict(), "history": history}
-                save_checkpoint(run, out, step, client, d, args.keep_checkpoints)
+                save_checkpoint(run, out, step, client, d, args.keep_checkpoints,
+                                run_settings(args, p.block_size))
     bar.close()
 
     if not history or history[-1]["step"] != step:
@@ -692,6 +758,8 @@ def train(p: Plan, d: Dist) -> dict:
         if args.analysis:
             with open(out / "eval.md", "a") as f:
                 f.write("\n" + analysis_table(name, extra["analysis"], step) + "\n")
+    if not parameters_finite(run.module, d.device):
+        stop_non_finite(out, f"step {step}: a parameter is NaN or infinite")
     final, tmp = out / "final", out / ".final.tmp"
     if d.main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -741,6 +809,10 @@ def main(argv=None) -> int:
         if d.main:
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteRun as e:
+        if d.main:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

@@ -340,6 +340,25 @@ class DeepSpeedRun:
         _barrier()
 
 
+def parameters_finite(module, device) -> bool:
+    """True when every rank's part of every parameter is finite (one all-reduce): checked
+    before a checkpoint or an export is written, so neither ever holds NaN."""
+    bad = 0
+    with torch.no_grad():
+        for p in module.parameters():
+            local = getattr(p, "ds_tensor", None)  # ZeRO-3: this rank's partition
+            if local is None:
+                local = p.to_local() if hasattr(p, "to_local") else p  # FSDP2 DTensor: the shard
+            if local.numel() and not bool(torch.isfinite(local).all()):
+                bad = 1
+                break
+    if dist.is_available() and dist.is_initialized():
+        flag = torch.tensor([float(bad)], device=device)
+        dist.all_reduce(flag)
+        bad = int(flag.item())
+    return bad == 0
+
+
 def build_run(kind: str, module, *, dist, args, method_kwargs: dict, ds_config: Optional[dict] = None) -> Any:
     """The run for engine ``kind`` (``single``, ``ddp``, ``fsdp`` or ``deepspeed``); ``dist`` has
     ``rank``, ``world_size``, ``device`` and ``main``."""

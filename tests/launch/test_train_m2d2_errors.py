@@ -133,9 +133,13 @@ def test_every_preset_value_has_a_comment():
 
 
 def test_resume_under_another_engine(capsys, tmp_path):
+    from tram_dist.checkpoint_files import write_manifest
     ckpt = tmp_path / "checkpoint-00000002"
     ckpt.mkdir()
     (ckpt / "engine.json").write_text(json.dumps({"engine": "fsdp", "world_size": 2}))
+    (ckpt / "run.json").write_text("{}")
+    (ckpt / "rng_rank0.pt").write_bytes(b"")
+    write_manifest(ckpt)
     err = fails(["--resume", str(ckpt)], capsys, tmp_path)
     assert "was written by the fsdp engine, this run is single; resume with the same engine" in err
 
@@ -154,17 +158,24 @@ def test_crafted_rng_file_on_resume_is_refused_and_never_runs(capsys, tmp_path):
     stops with one line naming the file, and the command never runs."""
     import pickle
     out = tmp_path / "out"
-    common = ["--max-steps", "1", "--batch-size", "2", "--block-size", "32", "--eval-domains", "math",
+    common = ["--max-steps", "2", "--batch-size", "2", "--block-size", "32", "--eval-domains", "math",
               "--method", "adamw", "--output-dir", str(out), "--cache-dir", str(tmp_path / "cache")]
     train_m2d2.main([*common, "--save-interval", "1"])
     ckpt = sorted(out.glob("checkpoint-*"))[-1]
     marker = tmp_path / "pwned"
     with open(ckpt / "rng_rank0.pt", "wb") as f:
         pickle.dump({"torch": _RunsCode(marker)}, f)
+    resume = [*common, "--resume", str(ckpt)]
     capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # the manifest catches the altered file first
+        train_m2d2.main(resume)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "rng_rank0.pt has 122 bytes, the manifest says" in err, err
+    # an attacker who also rewrites the manifest: the file is still never unpickled
+    from tram_dist.checkpoint_files import write_manifest
+    write_manifest(ckpt)
     with pytest.raises(SystemExit) as e:
-        train_m2d2.main([*common[:-4], "--max-steps", "2", "--output-dir", str(out),
-                         "--cache-dir", str(tmp_path / "cache"), "--resume"])
+        train_m2d2.main(resume)
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "rng_rank0.pt" in err and "was not loaded" in err, err
