@@ -558,6 +558,7 @@ def plan(args, d: Dist) -> Plan:
     if not args.resume and not args.overwrite and out.is_dir() and any(out.iterdir()):
         raise UsageError(f"--output-dir {out} already holds a run; pass --resume to continue it, "
                          "--overwrite to replace it, or another --output-dir")
+    barrier()  # every rank has looked at --output-dir before rank 0 writes into it
     resume = resume_point(args.resume, out, d) if args.resume else None
     if resume is not None:
         check_resume(resume, kind, d)

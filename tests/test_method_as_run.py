@@ -269,3 +269,57 @@ def test_plain_base_optimizer_state_dict_loads_with_a_warning():
         {**{k: v for k, v in plain.state_dict()["param_groups"][0].items()}, "rho": 0.05, "adaptive": False}]}
     with pytest.warns(UserWarning, match="davda54/sam style"):
         opt.load_state_dict(sam_like)
+
+
+# ----------------------------------------------------------------------- a cheaper d
+def _d_with(fraction, batch_parts, method="tram-x", seed=0, **model_kw):
+    model = tiny_gpt2(**model_kw)
+    opt, tr = build_method(method, model, lr=0.0, sigma=0.05, base_optimizer=torch.optim.SGD)
+    step = TrainStep(model, opt, trust_region=tr, seed=seed, divergence_fraction=fraction)
+    torch.manual_seed(0)
+    return step(batch_parts).divergence
+
+
+def test_divergence_fraction_is_independent_of_the_split():
+    from tinymodels import split
+    batch = lm_batch(n=8, seq=12, seed=3)
+    whole = _d_with(0.5, [batch])
+    parts = _d_with(0.5, split(batch, [1, 3, 4]))
+    assert parts == pytest.approx(whole, rel=1e-5)
+    assert whole != _d_with(1.0, [batch])  # it is a subset
+
+
+def test_divergence_fraction_estimate_is_bounded_by_the_sampling_error():
+    """d on half the sequences against d on all: sequences of equal length, so d is the mean of
+    per-sequence d_i and the subset mean is within 4 standard errors (finite population)."""
+    n = 16
+    batch = lm_batch(n=n, seq=12, seed=5)
+    for seed in range(2):  # the seed picks both the noise and the rows
+        full = _d_with(1.0, [batch], seed=seed)
+        per_seq = [_d_with(1.0, [{k: v[i:i + 1] for k, v in batch.items()}], seed=seed) for i in range(n)]
+        assert sum(per_seq) / n == pytest.approx(full, rel=1e-4)
+        model = tiny_gpt2()
+        opt, tr = build_method("tram-x", model, lr=0.0, sigma=0.05, base_optimizer=torch.optim.SGD)
+        step = TrainStep(model, opt, trust_region=tr, seed=seed, divergence_fraction=0.5)
+        rows = step._divergence_rows([(batch, batch["sample_index"])])[0]
+        k = int(rows.sum())
+        assert 0 < k < n
+        frac = step(batch).divergence
+        chosen = [d for d, r in zip(per_seq, rows.tolist()) if r]
+        assert frac == pytest.approx(sum(chosen) / k, rel=1e-4)  # exactly the chosen rows' mean
+        std = (sum((d - full) ** 2 for d in per_seq) / (n - 1)) ** 0.5
+        bound = 4 * std / k ** 0.5 * ((n - k) / (n - 1)) ** 0.5
+        assert abs(frac - full) <= bound, (seed, frac, full, bound)
+
+
+def test_divergence_fraction_keeps_shared_dropout_masks():
+    d = _d_with(0.5, [lm_batch(n=8, seq=12)], method="tram-theta-prev", **DROPOUT)
+    assert abs(d) <= 1e-7
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.5, 1.5, float("nan"), "0.5"])
+def test_divergence_fraction_bad_values(bad):
+    model = tiny_gpt2()
+    opt, tr = build_method("tram-x", model, lr=1e-3)
+    with pytest.raises(ValueError, match=r"divergence_fraction must be a number in \(0, 1\]"):
+        TrainStep(model, opt, trust_region=tr, divergence_fraction=bad)

@@ -131,6 +131,10 @@ class TrainStep:
             ``"shared"`` (default: the masks of the pass-1 forward it is compared with, so d
             measures the trust region and not dropout noise), ``"off"`` (eval mode) or
             ``"independent"`` (fresh masks, as the authors' code).
+        divergence_fraction: compute d on this fraction of the sequences of each step (chosen
+            by a hash of (seed, step, global sample index): deterministic and the same at any
+            world size); 1 (default) uses all of them. With shared dropout masks a subset
+            needs its own no-grad forward at theta, so d costs 2 x fraction forwards.
 
     Every call puts the model in train mode (as ``transformers.Trainer`` does); evaluation
     helpers put it in eval mode and back.
@@ -139,7 +143,7 @@ class TrainStep:
     def __init__(self, model, optimizer, *, trust_region=None, divergence="kl", autocast_dtype=None,
                  scaler=None, max_grad_norm: Optional[float] = None, seed: int = 0,
                  engine: Optional[Engine] = None, causal: Optional[bool] = None,
-                 target_dropout: str = "shared"):
+                 target_dropout: str = "shared", divergence_fraction: float = 1.0):
         self.model = model
         self.optimizer = optimizer
         self.perturbed = isinstance(optimizer, PerturbedOptimizer)
@@ -159,6 +163,13 @@ class TrainStep:
         if target_dropout not in TARGET_DROPOUT:
             raise ValueError(f"target_dropout must be one of {', '.join(TARGET_DROPOUT)}, got {target_dropout!r}")
         self.target_dropout = target_dropout
+        if not isinstance(divergence_fraction, (int, float)) or isinstance(divergence_fraction, bool) \
+                or not 0.0 < divergence_fraction <= 1.0:
+            raise ValueError(f"divergence_fraction must be a number in (0, 1], got {divergence_fraction!r}")
+        if divergence_fraction < 1.0 and getattr(optimizer, "divergence_reduction", "") == "released":
+            raise ValueError("divergence_fraction < 1 is not defined for the released code's d' "
+                             "(a mean over the whole batch); use 1.0 with tram-released-*")
+        self.divergence_fraction = float(divergence_fraction)
         self._warned_applied = False
         self._pending: Optional[_GlobalSums] = None
         self._warned_index = False
@@ -236,14 +247,32 @@ class TrainStep:
             return (labels[:, 1:] != -100).sum()
         return (labels != -100).sum()
 
-    def _global_counts(self, n_local: int, seqs_local: int):
-        """(labelled tokens, sequences) of the global batch: one small all-reduce."""
+    def _global_counts(self, n_local: int, seqs_local: int, d_tokens_local: int):
+        """(labelled tokens, sequences, labelled tokens of the rows d uses) of the global batch:
+        one small all-reduce."""
         if self.engine.world_size == 1:
-            return n_local, seqs_local
-        t = torch.tensor([float(n_local), float(seqs_local)], device=self.engine_device())
+            return n_local, seqs_local, d_tokens_local
+        t = torch.tensor([float(n_local), float(seqs_local), float(d_tokens_local)],
+                         device=self.engine_device())
         self.engine.all_reduce_sum_(t)
-        tokens, seqs = t.tolist()
-        return int(tokens), int(seqs)
+        return tuple(int(v) for v in t.tolist())
+
+    def _divergence_rows(self, parts) -> List[Optional[Tensor]]:
+        """Per micro-batch, the rows d is computed on (None: all of them)."""
+        opt = self.optimizer
+        if self.divergence_fraction >= 1.0 or not (self.perturbed and opt.needs_divergence):
+            return [None] * len(parts)
+        from .trust_region import _sample_seed
+        step = self._noise_step()
+        limit = self.divergence_fraction * float(1 << 63)
+        return [torch.tensor([_sample_seed(self.seed + 7919, step, int(i)) < limit for i in index.tolist()],
+                             dtype=torch.bool) for _, index in parts]
+
+    @staticmethod
+    def _subset(inputs: Dict[str, Tensor], rows: Optional[Tensor]) -> Dict[str, Tensor]:
+        if rows is None:
+            return inputs
+        return {k: v[rows.to(v.device)] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in inputs.items()}
 
     def engine_device(self):
         return next(iter(self.model.parameters())).device
@@ -272,9 +301,16 @@ class TrainStep:
             inputs, index = self._split(mb, offset)
             offset += index.numel()
             parts.append((inputs, index))
-        counts = torch.stack([self._count(inputs) for inputs, _ in parts]).tolist()  # one sync
-        n_local = sum(counts)
-        n_global, self._seqs_global = self._global_counts(n_local, offset)
+        self._rows = self._divergence_rows(parts)
+        counts = [self._count(inputs) for inputs, _ in parts]
+        counts += [self._count(self._subset(inputs, rows)) for (inputs, _), rows in zip(parts, self._rows)
+                   if rows is not None]
+        counts = torch.stack(counts).tolist()  # one sync
+        n_local, n_rows_local = sum(counts[:len(parts)]), sum(counts[len(parts):])
+        n_global, self._seqs_global, self._d_tokens_global = self._global_counts(n_local, offset, n_rows_local)
+        counts = counts[:len(parts)]
+        if self._d_tokens_global == 0:  # no labelled token in the chosen rows anywhere: use all
+            self._rows = [None] * len(parts)
         if n_global == 0:
             raise ValueError("the global batch has no token with a label (all labels are -100)")
         world = self.engine.world_size
@@ -303,6 +339,22 @@ class TrainStep:
             del out
         return loss_sum
 
+    def _divergence_inputs(self, inputs, index, logits, rng, rows):
+        """The inputs, indices, pass-1-side logits and RNG state d compares on (a subset of
+        rows with ``divergence_fraction`` < 1). A subset's dropout masks cannot be replayed
+        from the full forward's, so with shared masks the subset gets its own no-grad forward
+        at theta, whose RNG state the target forward then replays."""
+        if rows is None:
+            return inputs, index, logits, rng
+        sub = self._subset(inputs, rows)
+        sub_index = index[rows]
+        if self.target_dropout != "shared" or not sub_index.numel():
+            return sub, sub_index, logits[rows.to(logits.device)], None
+        rng = RNGState.capture(self.engine_device())
+        with torch.no_grad(), self._autocast():
+            sub_logits = self._no_grad_model()(**sub).logits
+        return sub, sub_index, sub_logits, rng
+
     def _released(self) -> bool:
         return getattr(self.optimizer, "divergence_reduction", "token_mean") == "released"
 
@@ -311,7 +363,7 @@ class TrainStep:
         F.kl_div's mean over every element (sequences x positions x vocabulary) divided
         again by the number of sequences (here of the global batch)."""
         if not self._released():
-            return float(n_global)
+            return float(self._d_tokens_global if any(r is not None for r in self._rows) else n_global)
         elements_per_sequence = self._logit_elements_per_sequence
         return float(self._seqs_global) ** 2 * elements_per_sequence
 
@@ -374,10 +426,13 @@ class TrainStep:
             self._backward(out.loss, weights[i], sync=i == len(parts) - 1)
             logits = out.logits.detach() if opt.needs_divergence else None
             del out
+            if opt.needs_divergence:
+                d_inputs, d_index, logits, rng = self._divergence_inputs(inputs, index, logits, rng, self._rows[i])
             if noisy_target:  # d_x: same parameters, inputs x + z
-                d_sum += self._divergence_at_noise(inputs, index, logits, step, rng)
+                if d_index.numel():
+                    d_sum += self._divergence_at_noise(d_inputs, d_index, logits, step, rng)
             elif param_target:
-                kept.append((logits, rng))
+                kept.append((d_inputs, logits, rng))
             del logits
 
         if self._pass1_overflowed():
@@ -388,7 +443,9 @@ class TrainStep:
         if param_target:
             opt.swap_in_target()
             inner = self._no_grad_model()
-            for (inputs, _), (logits, rng) in zip(parts, kept):
+            for inputs, logits, rng in kept:
+                if not logits.shape[0]:
+                    continue
                 with torch.no_grad(), self._autocast(), self._target_dropout(inner, rng):
                     target_logits = inner(**inputs).logits
                 d_sum += self._divergence_sum(target_logits, logits, inputs).to(device)
