@@ -113,8 +113,9 @@ def run_one(args, method):
             model.zero_grad(set_to_none=True)
         result["time"] = timed(fb, device, args.warmup, args.repeat)
     else:
-        opt, tr = build_method(method, model, lr=1e-5, sigma=1e-5)
-        step = TrainStep(model, opt, trust_region=tr)
+        name, _, fraction = method.partition("@")  # "tram-x@0.5": divergence_fraction 0.5
+        opt, tr = build_method(name, model, lr=1e-5, sigma=1e-5)
+        step = TrainStep(model, opt, trust_region=tr, divergence_fraction=float(fraction or 1.0))
         result["time"] = timed(lambda: step([batch]), device, args.warmup, args.repeat)
     if device.type == "cuda":
         result["peak_bytes"] = torch.cuda.max_memory_allocated()
@@ -167,7 +168,12 @@ def table(rows, methods):
         if "time" not in rows.get(method, {}):  # not run yet, or failed
             continue
         r = rows[method]
-        nf, nb = FLOOR_PASSES.get(method, (2, 2))
+        base, _, fraction = method.partition("@")
+        nf, nb = FLOOR_PASSES.get(base, (2, 2))
+        if fraction and base in FLOOR_PASSES and nf == 3:
+            # d on a fraction f of the rows: with shared dropout masks (the default) the subset
+            # needs its own forward at theta besides the target forward: 2f forwards for d
+            nf = 2 + 2 * float(fraction)
         out[method] = {"step_ms": r["time"] * 1e3,
                        "ratio_to_adamw": r["time"] / adamw if adamw else None,
                        "floor": (nf * F + nb * B) / (F + B),
@@ -203,6 +209,8 @@ def main():
     ap.add_argument("--out", default=None, help="JSON output (default benchmarks/results/step-<device>.json)")
     ap.add_argument("--in-process", action="store_true",
                     help="run every method in this process (on CPU peak_bytes is then null)")
+    ap.add_argument("--divergence-fractions", default="", help="also time each TRAM-d method with "
+                    "TrainStep(divergence_fraction=f) for these f, e.g. 0.5,0.25 (rows 'method@f')")
     ap.add_argument("--only", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.only:
@@ -210,6 +218,9 @@ def main():
         return
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in METHODS]
+    fractions = [f for f in args.divergence_fractions.split(",") if f and float(f) != 1.0]
+    methods += [f"{m}@{f}" for m in methods if m.startswith("tram-") and m not in ("tram-fisher",)
+                and not m.startswith("tram-released") for f in fractions]
     if unknown:
         sys.exit(f"bench_step: unknown method(s) {unknown}; choose from {METHODS}")
     hw = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"

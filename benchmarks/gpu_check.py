@@ -345,7 +345,7 @@ def plan(python: str, smoke: bool, raw_dir: Path, gpus: str) -> List[Part]:
         cpu = {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
         tiny = str(BENCH / "configs" / "gpt2-tiny.json")
         step_args = ["--device", "cpu", "--dtype", "fp32", "--batch", "2", "--seq", "16", "--warmup", "1",
-                     "--repeat", "2", "--methods", "adamw,tram-theta-prev"]
+                     "--repeat", "2", "--methods", "adamw,tram-theta-prev", "--divergence-fractions", "0.5"]
         return [
             Part("kernel_tests", pytest + ["tests/kernels/test_kernel_restore.py", "-k", "cpu and float32",
                                            "--junitxml", str(raw_dir / "kernel_tests.xml")],
@@ -386,6 +386,9 @@ def plan(python: str, smoke: bool, raw_dir: Path, gpus: str) -> List[Part]:
         Part("bench_step_gpt2", bench_step + ["--model", str(BENCH / "configs" / "gpt2.json"), "--device", "cuda",
                                               "--dtype", "bf16", "--batch", "8", "--seq", "1024",
                                               "--warmup", "2", "--repeat", "5",
+                                              "--methods", "adamw,sam,asam,fsam,tram-x,tram-theta-prev,"
+                                              "tram-theta0,tram-fisher",
+                                              "--divergence-fractions", "0.5,0.25",
                                               "--out", str(raw_dir / "bench_step_gpt2.json")],
              100, 40, {**gpu, "TRITON_INTERPRET": None}, "bench_step_gpt2.json",
              analyze_bench_step(require_cuda=True)),

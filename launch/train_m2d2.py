@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="dropout in the trust-region target forward: 'shared' reuses the masks of the pass-1 "
       "forward it is compared with (d measures the trust region, not dropout noise), 'off' "
       "runs it in eval mode, 'independent' draws fresh masks (the authors' code)")
+    a("--divergence-fraction", type=float, default=1.0, help="compute d on this fraction of the "
+      "sequences of each step (deterministic, world-size independent); 1 = all")
     a("--analysis", action="store_true", default=False, help="after training, add the paper's "
       "Table 5 analysis to eval.json / eval.md: epsilon-sharpness of the final model and the CKA "
       "of its final hidden states to the starting model, per evaluation domain (single, DDP, FSDP2)")
@@ -395,7 +397,8 @@ def resume_point(resume: str, out: Path, d: Dist) -> Path:
 
 
 # What a resume must not change silently (the run's trajectory depends on it).
-RUN_SETTINGS = ("model", "method", "method_arg", "sigma", "target_dropout", "dropout", "lr", "betas",
+RUN_SETTINGS = ("model", "method", "method_arg", "sigma", "target_dropout", "dropout",
+                "divergence_fraction", "lr", "betas",
                 "weight_decay", "max_grad_norm", "warmup_steps", "max_steps", "batch_size", "block_size",
                 "seed", "train_domain")
 

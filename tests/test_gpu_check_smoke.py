@@ -132,7 +132,7 @@ def test_bench_step_parts(smoke, name):
     assert r["complete"] is True and r["args"]["model"].endswith("benchmarks/configs/gpt2-tiny.json")
     assert r["args"]["in_process"] is True and r["n_params"] > 0
     assert _finite_number(r["F_ms"]) and r["F_ms"] > 0
-    assert set(r["table"]) == {"adamw", "tram-theta-prev"}
+    assert set(r["table"]) == {"adamw", "tram-theta-prev", "tram-theta-prev@0.5"}  # d on half the rows
     for method, row in r["table"].items():
         for key in ("step_ms", "ratio_to_adamw", "floor"):
             assert _finite_number(row[key]) and row[key] > 0, (method, key, row)

@@ -74,7 +74,8 @@ def _autocast(args):
 def _step_options(args, divergence) -> dict:
     """The ``TrainStep`` options every engine's run takes from the launcher's flags."""
     return dict(divergence=divergence, autocast_dtype=_autocast(args), max_grad_norm=args.max_grad_norm,
-                seed=args.seed, target_dropout=getattr(args, "target_dropout", "shared"))
+                seed=args.seed, target_dropout=getattr(args, "target_dropout", "shared"),
+                divergence_fraction=getattr(args, "divergence_fraction", 1.0))
 
 
 def _barrier() -> None:
