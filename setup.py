@@ -13,8 +13,6 @@ from setuptools import setup
 install_requires = [
     "torch>=2.4",
     "transformers>=4.45",
-    "datasets>=2.20",
-    "accelerate>=0.34",
     "huggingface_hub>=0.24",
     "safetensors",
     "tokenizers",
@@ -32,8 +30,11 @@ setup(
     python_requires=">=3.10",
     packages=["tram_dist", "tram_dist.engines", "tram_dist.data", "tram_dist.kernels"],
     package_dir={"tram_dist": "tram_dist", "tram_dist.kernels": "kernels"},
-    package_data={"tram_dist.data": ["corpus/*/*.txt", "corpus/*.json", "tokenizer/*"]},
+    package_data={"tram_dist.data": ["corpus/*/*.txt", "corpus/*.json", "tokenizer/*", "pretrained/*/*"]},
     install_requires=install_requires,
     # DeepSpeed must be installed with --no-build-isolation after torch (its build imports torch).
-    extras_require={"deepspeed": ["deepspeed>=0.15"], "dev": ["pytest>=8", "pytest-timeout"]},
+    # accelerate: what transformers.Trainer and `accelerate launch` need (tram_dist itself does
+    # not import it); matplotlib: the comparison's plot (launch/compare.py).
+    extras_require={"deepspeed": ["deepspeed>=0.15"], "trainer": ["accelerate>=0.34"],
+                    "plot": ["matplotlib"], "dev": ["pytest>=8", "pytest-timeout"]},
 )

@@ -51,7 +51,6 @@ import importlib.util
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import time
@@ -70,6 +69,7 @@ from tram_dist.data.m2d2 import LocalSource
 from tram_dist.ds_config import DsConfigError, resolve_ds_config
 from tram_dist.evaluate import (eval_summary, evaluate_domains, evaluate_loss, json_safe,
                                 write_eval_json, write_eval_md)
+from tram_dist.data.pretrained import tiny_config
 from tram_dist.dropout import set_dropout
 from tram_dist.methods import METHODS
 from tram_dist.runs import RunError, build_run, check_ds_config, parameters_finite
@@ -79,7 +79,6 @@ from tram_dist.safe_load import UnsafeCheckpointError, load_tensors
 
 LR_END = 1e-7  # polynomial decay's final lr (Hugging Face's default for this schedule)
 LR_POWER = 1.0  # polynomial decay power (1 = linear decay, HF and fairseq default)
-TINY = dict(n_positions=256, n_embd=128, n_layer=4, n_head=4)  # --model tiny (~1M params)
 METHOD_ARGS = ("rho", "eta", "nu", "radius_scale", "logit_scale", "lam", "decay", "noise", "eps",
                "on_nonfinite", "divergence")
 
@@ -287,11 +286,10 @@ def barrier() -> None:
 # ---------------------------------------------------------------------------------------------
 def model_config(name: str, tokenizer):
     """The model's config (cheap: no weights), used to validate --block-size before loading."""
-    from transformers import AutoConfig, GPT2Config
+    from transformers import AutoConfig
 
     if name == "tiny":
-        eos = tokenizer.eos_token_id
-        return GPT2Config(vocab_size=len(tokenizer), bos_token_id=eos, eos_token_id=eos, **TINY)
+        return tiny_config(tokenizer)
     try:
         return AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as e:
@@ -454,7 +452,13 @@ def _method_kwargs(pairs: list[str]) -> dict:
         if "=" not in pair:
             raise UsageError(f"--method-arg {pair!r} must be KEY=VALUE, e.g. --method-arg rho=0.05")
         key, value = pair.split("=", 1)
-        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str):  # YAML 1.1 reads 1e2 (no dot) as a string: a number was meant
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        out[key.strip().replace("-", "_")] = parsed
     unknown = set(out) - set(METHOD_ARGS)
     if unknown:
         raise UsageError(f"--method-arg {sorted(unknown)[0]} is not a method option; use "
@@ -719,7 +723,7 @@ def train(p: Plan, d: Dist) -> dict:
                 rec = {"step": step, "epoch": epoch, "loss": loss, "perturbed_loss": loss2,
                        "divergence": m.divergence, "divergence_clamped": m.divergence_clamped,
                        "radius": m.radius, "grad_norm": m.grad_norm, "eps_norm": m.eps_norm,
-                       "eps_applied": m.eps_applied,
+                       "eps_applied": m.eps_applied, "penalty": m.penalty,
                        "clip_norm": m.clip_norm, "ascent_skipped": m.ascent_skipped,
                        "step_skipped": m.step_skipped, "lr": lr,
                        "tokens_per_s": tokens_per_step / dt, "step_time_s": dt,

@@ -10,7 +10,8 @@ method option), `run_all` (the launcher subprocesses, sequential or N at a time)
 and std over seeds, paired t-tests), `format_markdown`, `write_plot`, and `mean_std` /
 `paired_t_test` / `t_sf` (the statistics, no scipy needed).
 
-Per run, from its folder `OUTPUT/runs/<method>[-<sweep>]-seed<k>/`:
+Per run, from its folder `OUTPUT/runs/<method>[-<sweep>]-seed<k>/` (its output in
+`OUTPUT/logs/<name>.log`):
 
 - perplexities and ZS Avg. from eval.json (the evaluation the launcher selected by the training
   domain's validation perplexity);
@@ -20,6 +21,8 @@ Per run, from its folder `OUTPUT/runs/<method>[-<sweep>]-seed<k>/`:
 - peak memory: the largest `peak_mem_mb` (CUDA peak allocated, or on CPU the process's peak RSS);
 - the ascent: mean `radius`, mean applied ||eps|| (`eps_applied`) and mean loss increase at
   theta + eps (`perturbed_loss - loss`) over the steps that report them (AdamW: none);
+- the regularizers' penalty: mean KL term (`penalty`) of TRPO, R3F, MESA, where metrics.jsonl
+  has it (a column only then);
 - with --analysis: epsilon-sharpness and CKA to the start, averaged over the domains.
 
 A row's cell is the mean over its seeds (± the sample standard deviation with 2 or more). Each
@@ -45,13 +48,20 @@ from .evaluate import json_safe
 
 BASELINE = "adamw"
 SIGMA = "sigma"  # the launcher's --sigma flag (tram-x, tram-fisher, r3f input noise), sweepable too
-LOG_NAME = "run.log"  # the launcher's stdout + stderr, in its run folder
-RECORD_NAME = "compare_run.json"  # what compare knows about a run (command, exit code, wall time)
+# Beside the run folders (the launcher refuses an --output-dir that already holds files):
+# OUTPUT/logs/<name>.log is the launcher's stdout + stderr, OUTPUT/logs/<name>.json what compare
+# knows about the run (command, exit code, wall time).
+LOGS = "logs"
 TAIL_LINES = 20
 
 
 class CompareError(ValueError):
     """A bad option; printed as one line."""
+
+
+def say(line: str) -> None:
+    """The default progress printer: flushed, so piped output shows each run as it ends."""
+    print(line, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,6 +384,10 @@ class RunResult:
     log_tail: str = ""
     summary: dict = field(default_factory=dict)
 
+    @property
+    def log_path(self) -> Path:
+        return self.dir.parent.parent / LOGS / f"{self.spec.name}.log"
+
 
 def _tail(path: Path, lines: int = TAIL_LINES) -> str:
     try:
@@ -397,13 +411,14 @@ def _finished(result: RunResult) -> str:
 
 def run_all(specs: Sequence[RunSpec], *, launcher: str | os.PathLike, output_dir: str | os.PathLike,
             common: Sequence[str] = (), extra: Sequence[str] = (), jobs: int = 1,
-            resume_existing: bool = False, log: Callable[[str], None] = print,
+            resume_existing: bool = False, log: Callable[[str], None] = say,
             env: Mapping[str, str] | None = None) -> list[RunResult]:
     """Launch every run (at most `jobs` at a time), each into OUTPUT/runs/<name>/ with its
-    output in run.log there; print one line per finished run. With `jobs` > 1 and no
+    output in OUTPUT/logs/<name>.log; print one line per finished run. With `jobs` > 1 and no
     OMP_NUM_THREADS in the environment each run gets cores // jobs threads."""
-    runs_dir = Path(output_dir) / "runs"
+    runs_dir, logs_dir = Path(output_dir) / "runs", Path(output_dir) / LOGS
     runs_dir.mkdir(parents=True, exist_ok=True)
+    logs_dir.mkdir(parents=True, exist_ok=True)
     base_env = dict(os.environ if env is None else env)
     if jobs > 1 and "OMP_NUM_THREADS" not in base_env:
         base_env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
@@ -419,7 +434,7 @@ def run_all(specs: Sequence[RunSpec], *, launcher: str | os.PathLike, output_dir
         results[i] = result
         log(f"[{done}/{len(specs)}] {result.spec.name}: {_finished(result)}")
         if result.status == "failed":
-            log(f"    last lines of {result.dir / LOG_NAME}:")
+            log(f"    last lines of {result.log_path}:")
             for line in (result.log_tail or "(no output)").splitlines():
                 log(f"    | {line}")
 
@@ -429,16 +444,17 @@ def run_all(specs: Sequence[RunSpec], *, launcher: str | os.PathLike, output_dir
                 i = pending.pop(0)
                 spec = specs[i]
                 out = runs_dir / spec.name
+                record = logs_dir / f"{spec.name}.json"
                 if resume_existing and (out / "eval.json").is_file():
-                    rec = _read_json(out / RECORD_NAME) or {}
-                    finish(i, RunResult(spec, out, "skipped", rec.get("returncode", 0),
-                                        rec.get("wall_s"), summary=run_summary(load_run(out))))
+                    rec = _read_json(record) or {}
+                    finish(i, RunResult(spec, out, "skipped", rec.get("returncode", 0), rec.get("wall_s"),
+                                        summary=run_summary(load_run(out, record))))
                     continue
-                if out.exists():
-                    shutil.rmtree(out)  # the launcher appends to metrics.jsonl: start clean
-                out.mkdir(parents=True)
+                if out.exists():  # a stale or unfinished run: start clean
+                    shutil.rmtree(out)
+                record.unlink(missing_ok=True)
                 cmd = launcher_command(spec, launcher, out, common, extra)
-                logf = open(out / LOG_NAME, "w")
+                logf = open(logs_dir / f"{spec.name}.log", "w")
                 logf.write("$ " + " ".join(cmd) + "\n")
                 logf.flush()
                 proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
@@ -453,15 +469,16 @@ def run_all(specs: Sequence[RunSpec], *, launcher: str | os.PathLike, output_dir
                 logf.close()
                 del running[i]
                 spec, out = specs[i], runs_dir / specs[i].name
-                (out / RECORD_NAME).write_text(json.dumps(
+                record = logs_dir / f"{spec.name}.json"
+                record.write_text(json.dumps(
                     {"command": launcher_command(spec, launcher, out, common, extra),
                      "returncode": rc, "wall_s": wall}, indent=2) + "\n")
                 ok = rc == 0 and (out / "eval.json").is_file()
                 result = RunResult(spec, out, "ok" if ok else "failed", rc, wall)
                 if ok:
-                    result.summary = run_summary(load_run(out))
+                    result.summary = run_summary(load_run(out, record))
                 else:
-                    result.log_tail = _tail(out / LOG_NAME)
+                    result.log_tail = _tail(result.log_path)
                 finish(i, result)
     finally:  # interrupted: do not leave launchers running
         for proc, _, logf in running.values():
@@ -500,12 +517,14 @@ def _read_jsonl(path: Path) -> list[dict]:
     return out
 
 
-def load_run(folder: str | os.PathLike) -> dict:
+def load_run(folder: str | os.PathLike, record: str | os.PathLike | None = None) -> dict:
+    """A run folder's eval.json, metrics.jsonl and evals.jsonl (+ compare's record of it)."""
     folder = Path(folder)
+    record = Path(record) if record else folder.parent.parent / LOGS / f"{folder.name}.json"
     return {"eval": _read_json(folder / "eval.json") or {},
             "metrics": _read_jsonl(folder / "metrics.jsonl"),
             "evals": _read_jsonl(folder / "evals.jsonl"),
-            "record": _read_json(folder / RECORD_NAME) or {}}
+            "record": _read_json(record) or {}}
 
 
 def _finite(values: Iterable) -> list[float]:
@@ -542,6 +561,7 @@ def run_summary(run: Mapping) -> dict:
         "eps_applied": _mean(m.get("eps_applied") for m in metrics),
         "loss_increase": _mean(increase),
         "divergence": _mean(m.get("divergence") for m in metrics),
+        "penalty": _mean(m.get("penalty") for m in metrics),
         "sharpness": _mean((analysis.get("sharpness") or {}).values()),
         "cka": _mean((analysis.get("cka") or {}).values()),
     }
@@ -551,7 +571,7 @@ def run_summary(run: Mapping) -> dict:
 # aggregation
 # ---------------------------------------------------------------------------------------------
 SCALARS = ("in_domain_ppl", "zs_avg", "wall_s", "step_time_s", "peak_mem_mb", "radius",
-           "eps_applied", "loss_increase", "divergence", "sharpness", "cka")
+           "eps_applied", "loss_increase", "divergence", "penalty", "sharpness", "cka")
 
 
 def _cell(values: Sequence) -> dict:
@@ -560,7 +580,7 @@ def _cell(values: Sequence) -> dict:
     return {"mean": m, "std": s, "n": len(xs), "values": xs}
 
 
-def aggregate(results: Sequence[RunResult], methods: Sequence[str]) -> dict:
+def aggregate(results: Sequence[RunResult]) -> dict:
     """Rows (one per method and sweep value, in the order run), cells over seeds, the step time
     ratio to AdamW and the paired tests against AdamW."""
     ok = [r for r in results if r.status in ("ok", "skipped")]
@@ -642,6 +662,7 @@ def format_markdown(report: Mapping) -> str:
     train, zs = agg["train_domain"] or "in-domain", agg["zs_domains"]
     analysis = any(row["cells"]["sharpness"]["mean"] is not None or row["cells"]["cka"]["mean"] is not None
                    for row in agg["rows"])
+    penalty = any(row["cells"]["penalty"]["mean"] is not None for row in agg["rows"])
     s = report["settings"]
     lines = [f"# Method comparison: fine-tuning on {train}", ""]
     lines.append(f"{len(report['runs'])} runs ({', '.join(s['methods'])}; seeds 0..{s['seeds'] - 1}"
@@ -651,9 +672,12 @@ def format_markdown(report: Mapping) -> str:
     lines += ["", "Perplexity (lower is better; mean ± std over seeds). ZS Avg. = mean over the "
               "zero-shot domains. Step time: mean over steps but the first, relative to AdamW. "
               "Ascent: mean over steps of the radius, the applied ||eps|| and L(theta + eps) - "
-              "L(theta)." + (" Wall times overlap when runs go in parallel." if s["jobs"] > 1 else ""), ""]
+              "L(theta)." + (" Penalty KL: the regularizers' KL term (TRPO, R3F, MESA), mean over steps."
+                             if penalty else "") + (" Wall times overlap when runs go in parallel." if s["jobs"] > 1 else ""), ""]
     head = ["run", train, *zs, "ZS Avg.", "wall (s)", "step time / AdamW", "peak mem (MiB)",
             "radius", "applied ‖ε‖", "L(θ+ε) − L(θ)"]
+    if penalty:
+        head.append("penalty KL")
     if analysis:
         head += ["ε-sharpness %", "CKA to start"]
     lines.append("| " + " | ".join(head) + " |")
@@ -665,6 +689,8 @@ def format_markdown(report: Mapping) -> str:
         vals += [_pm(c["zs_avg"]), _pm(c["wall_s"], 0), _num(row["step_time_ratio"], 2),
                  _pm(c["peak_mem_mb"], 0), _pm(c["radius"], 3, "g"), _pm(c["eps_applied"], 3, "g"),
                  _pm(c["loss_increase"], 3, "g")]
+        if penalty:
+            vals.append(_pm(c["penalty"], 3, "g"))
         if analysis:
             vals += [_pm(c["sharpness"], 3, "g"), _pm(c["cka"], 4)]
         name = row["name"] + (f" ({len(row['failed_seeds'])} failed)" if row["failed_seeds"] else "")
@@ -683,7 +709,7 @@ def format_markdown(report: Mapping) -> str:
     failed = [r for r in report["runs"] if r["status"] == "failed"]
     if failed:
         lines += ["", f"Failed runs ({len(failed)}): " + ", ".join(
-            f"{r['name']} (exit {r['returncode']}, see {r['dir']}/{LOG_NAME})" for r in failed)]
+            f"{r['name']} (exit {r['returncode']}, see {r['log']})" for r in failed)]
     return "\n".join(lines) + "\n"
 
 
@@ -691,10 +717,11 @@ def build_report(results: Sequence[RunResult], settings: Mapping, wall_s: float 
     runs = [{"name": r.spec.name, "method": r.spec.method, "seed": r.spec.seed,
              "sweep": dict(r.spec.sweep), "dir": str(r.dir), "status": r.status,
              "returncode": r.returncode, "wall_s": r.wall_s, "summary": r.summary,
+             "log": str(r.log_path),
              **({"log_tail": r.log_tail} if r.status == "failed" else {})} for r in results]
     return {"settings": dict(settings), "wall_s": wall_s, "runs": runs,
             "failed": [r["name"] for r in runs if r["status"] == "failed"],
-            "aggregate": aggregate(results, settings.get("methods", []))}
+            "aggregate": aggregate(results)}
 
 
 def write_report(report: Mapping, output_dir: str | os.PathLike) -> tuple[Path, Path]:
@@ -723,15 +750,15 @@ def _curve(runs: Sequence[list[dict]], key: str, step_key: str = "step") -> tupl
 
 PANELS = (  # (title, source, key, log scale)
     ("training loss", "metrics", "loss", False),
-    ("in-domain valid perplexity", "evals", "valid_ppl", True),
-    ("zero-shot: ZS Avg. perplexity", "evals", "zs_avg", True),
+    ("in-domain valid perplexity", "evals", "valid_ppl", False),
+    ("zero-shot: ZS Avg. test perplexity", "evals", "zs_avg", False),
     ("d (divergence)", "metrics", "divergence", True),
     ("radius", "metrics", "radius", True),
     ("applied ||eps||", "metrics", "eps_applied", True),
 )
 
 
-def write_plot(report: Mapping, path: str | os.PathLike, log: Callable[[str], None] = print) -> bool:
+def write_plot(report: Mapping, path: str | os.PathLike, log: Callable[[str], None] = say) -> bool:
     """compare.png: one panel per PANELS entry, one line per row (mean over its seeds). Returns
     False (and says how to get it) when matplotlib is not installed."""
     try:
@@ -751,7 +778,7 @@ def write_plot(report: Mapping, path: str | os.PathLike, log: Callable[[str], No
     flat = [ax for line in axes for ax in line]
     for ax, (title, source, key, log_scale) in zip(flat, PANELS):
         drawn = 0
-        for name, runs in loaded.items():
+        for k, (name, runs) in enumerate(loaded.items()):  # a row keeps its colour in every panel
             records = [run[source] for run in runs]
             if source == "evals":  # the final evaluation point comes from eval.json when missing
                 records = [rec or [{"step": run["eval"].get("step"),
@@ -762,7 +789,8 @@ def write_plot(report: Mapping, path: str | os.PathLike, log: Callable[[str], No
             if log_scale:
                 xs, ys = zip(*[(x, y) for x, y in zip(xs, ys) if y > 0]) if any(y > 0 for y in ys) else ((), ())
             if xs:
-                ax.plot(list(xs), list(ys), marker="o" if len(xs) < 8 else None, label=name)
+                ax.plot(list(xs), list(ys), color=f"C{k % 10}", marker="o" if len(xs) < 8 else None,
+                        label=name)
                 drawn += 1
         ax.set_title(title)
         ax.set_xlabel("step")
@@ -783,7 +811,7 @@ def write_plot(report: Mapping, path: str | os.PathLike, log: Callable[[str], No
 def compare(methods: Sequence[str], *, seeds: int, output_dir: str | os.PathLike,
             launcher: str | os.PathLike, common: Sequence[str] = (), extra: Sequence[str] = (),
             sweeps: Sequence[Sweep] = (), jobs: int = 1, resume_existing: bool = False,
-            settings: Mapping | None = None, log: Callable[[str], None] = print) -> dict:
+            settings: Mapping | None = None, log: Callable[[str], None] = say) -> dict:
     """Expand, run, aggregate, write compare.json / compare.md / compare.png; return the report
     (its "failed" list is empty when every run succeeded)."""
     specs = expand_runs(methods, seeds, sweeps)
