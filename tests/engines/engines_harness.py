@@ -137,12 +137,15 @@ class Run:
     """One model + optimizer + TrainStep under one engine."""
 
     def __init__(self, engine: str, method: str, world: int, accum: int = 1, zero_overrides=None,
-                 model_overrides=None, step_kwargs=None, on_nonfinite: str = "skip"):
+                 model_overrides=None, step_kwargs=None, on_nonfinite: str = "skip",
+                 gradient_checkpointing: bool = False):
         from tram_dist import TrainStep
 
         self.kind, self.method, self.world, self.accum = engine, method, world, accum
         cls, hp, tr = method_spec(method)
         model = tiny_gpt2(**(model_overrides or {}))
+        if gradient_checkpointing:  # before any wrapping, as Trainer and the launcher do
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.inner = model
         kw = {**hp, **BASE}
         if cls is not None:
