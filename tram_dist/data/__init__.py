@@ -10,11 +10,12 @@
     for micro_batches in train: ...                            # this rank's share of one step
     valid = EvalLoader(eval_blocks(source, cache, "math", "valid", 128), batch_size=8)
 
-Every user-fixable problem raises `DataError` (a ValueError) with a one-line message.
+Every user-fixable problem raises `DataError` (a ValueError) with a one-line message; data
+that is used but altered (invalid UTF-8) gets one `DataWarning` line per file.
 """
 from .blocks import IGNORE_INDEX, EvalBlocks, TrainBlocks, collate
 from .distributed import dist_info, run_once
-from .errors import DataError
+from .errors import DataError, DataWarning
 from .m2d2 import (EMBEDDED_CORPUS, EMBEDDED_TOKENIZER, M2D2_REPO, S2ORC_DOMAINS, SPLITS,
                    WIKI_DOMAINS, DataSource, HubSource, LocalSource, default_cache_dir,
                    embedded_source, iter_lines, read_lines, resolve_source, safe_extract)
@@ -39,7 +40,7 @@ def eval_blocks(source: DataSource, cache: TokenCache, domain: str, split: str,
 
 
 __all__ = [
-    "DataError", "DataSource", "LocalSource", "HubSource", "resolve_source", "embedded_source",
+    "DataError", "DataWarning", "DataSource", "LocalSource", "HubSource", "resolve_source", "embedded_source",
     "default_cache_dir", "safe_extract", "iter_lines", "read_lines", "SPLITS", "M2D2_REPO",
     "WIKI_DOMAINS", "S2ORC_DOMAINS", "EMBEDDED_CORPUS", "EMBEDDED_TOKENIZER",
     "load_tokenizer", "tokenizer_fingerprint", "file_sha256", "tokenize_file", "TokenCache",

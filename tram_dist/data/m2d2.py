@@ -5,14 +5,17 @@ Layout everywhere: ``{root}/{domain}/{train,valid,test}.txt``, one paragraph per
 """
 from __future__ import annotations
 
+import codecs
 import os
 import shutil
 import tarfile
+import threading
+import warnings
 from pathlib import Path
 from typing import Iterator
 
 from .distributed import run_once
-from .errors import DataError
+from .errors import DataError, DataWarning
 
 SPLITS = ("train", "valid", "test")
 M2D2_REPO = "machelreid/m2d2"
@@ -66,6 +69,27 @@ def _check_split(split: str) -> None:
         raise DataError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
 
 
+def is_plain_name(name) -> bool:
+    """True if `name` is exactly one path component: not empty, '.' or '..', no separator, no
+    NUL, no drive. Domain and split names become file names; they must never walk elsewhere."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "\0" not in name
+            and "/" not in name and "\\" not in name and Path(name).name == name)
+
+
+def check_name(name, what: str, root, fix: str) -> None:
+    """DataError (one line) unless `name` is a plain folder/file name inside `root`."""
+    if not is_plain_name(name):
+        raise DataError(f"{what} {name!r} is not a plain name inside {root}; {fix}")
+
+
+def check_inside(path: Path, root: Path, what: str, fix: str) -> Path:
+    """`path`, or DataError if it leads outside `root` once symlinks are resolved (a plain name
+    can still be a link to elsewhere)."""
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise DataError(f"{what} {path.name!r} in {root} leads outside it (to {path.resolve()}); {fix}")
+    return path
+
+
 class LocalSource(DataSource):
     """A folder in M2D2's layout (the embedded corpus is one of these)."""
 
@@ -79,12 +103,18 @@ class LocalSource(DataSource):
         return sorted(p.name for p in self.root.iterdir()
                       if p.is_dir() and any((p / f"{s}.txt").is_file() for s in SPLITS))
 
+    def _available(self) -> str:
+        return ", ".join(self.domains()) or "none"
+
     def path(self, domain: str, split: str) -> Path:
         _check_split(split)
-        folder = self.root / domain
+        if not is_plain_name(domain):  # '../x', '/abs', 'a/b': would read outside the folder
+            raise DataError(f"domain {domain!r} is not a plain name inside {self.name}; "
+                            f"use one of: {self._available()}")
+        folder = check_inside(self.root / domain, self.root, "domain",
+                              f"move the folder into {self.root} or pass its real location as --data-dir")
         if not folder.is_dir():
-            available = ", ".join(self.domains()) or "none"
-            raise DataError(f"unknown domain {domain!r} in {self.name}; available: {available}")
+            raise DataError(f"unknown domain {domain!r} in {self.name}; available: {self._available()}")
         file = folder / f"{split}.txt"
         if not file.is_file():
             raise DataError(f"missing split file {file}; every domain needs valid.txt and test.txt "
@@ -150,7 +180,12 @@ class HubSource(DataSource):
         return list(WIKI_DOMAINS + S2ORC_DOMAINS)
 
     def domain_dir(self, domain: str) -> Path:
-        return self.cache_dir / "m2d2" / domain
+        """`cache_dir/m2d2/{domain}`; refused if `domain` is not a plain name (it also names the
+        archive to download and the extraction folder)."""
+        root = self.cache_dir / "m2d2"
+        fix = f"use a top-level domain name such as {', '.join(self.domains())}"
+        check_name(domain, "domain", root, fix)
+        return check_inside(root / domain, root, "domain", fix)
 
     def _download(self, domain: str) -> Path:
         from huggingface_hub import hf_hub_download
@@ -179,8 +214,8 @@ class HubSource(DataSource):
                             f"{_HINT_LOCAL}") from e
 
     def _extract(self, domain: str) -> None:
+        final = self.domain_dir(domain)  # checks the name before it reaches the hub
         archive = self._download(domain)
-        final = self.domain_dir(domain)
         tmp = final.parent / f".{domain}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -226,15 +261,44 @@ def resolve_source(data_dir: str | os.PathLike | None = None, hub: bool = False,
     return embedded_source()
 
 
+#: errors="replace" that also counts: the decoder calls it once per invalid sequence, with the
+#: same span "replace" uses, so the decoded text is identical to errors="replace".
+_REPLACE_AND_COUNT = "tram_dist.replace_and_count"
+_decoding = threading.local()  # .invalid: sequences replaced since the reader last reset it
+
+
+def _replace_and_count(err: UnicodeError) -> tuple[str, int]:
+    _decoding.invalid += 1
+    return "\ufffd", err.end
+
+
+codecs.register_error(_REPLACE_AND_COUNT, _replace_and_count)
+
+
+def _warn_invalid_utf8(path, count: int) -> None:
+    s = "" if count == 1 else "s"
+    warnings.warn(f"{path}: {count} invalid UTF-8 sequence{s} replaced by U+FFFD; re-encode the "
+                  "file as UTF-8 to keep the original characters", DataWarning, stacklevel=3)
+
+
 def iter_lines(path: str | os.PathLike, batch_size: int = 4096) -> Iterator[list[str]]:
     """Non-empty lines of a text file (trailing newline removed), in lists of `batch_size`.
 
     Lines holding only whitespace are M2D2's blank rows and are dropped. Invalid UTF-8 is
-    replaced rather than fatal: one bad byte in a 5 GB dump should not stop a run.
+    replaced rather than fatal: one bad byte in a 5 GB dump should not stop a run. After a
+    full pass, one DataWarning names the file and how many sequences were replaced.
     """
     batch: list[str] = []
-    with open(path, encoding="utf-8", errors="replace", newline=None) as f:
-        for line in f:
+    invalid = 0
+    with open(path, encoding="utf-8", errors=_REPLACE_AND_COUNT, newline=None) as f:
+        while True:
+            # Decoding happens only inside readline, and nothing else runs on this thread in
+            # between, so the count is this file's even while other readers are suspended.
+            _decoding.invalid = 0
+            line = f.readline()
+            invalid += _decoding.invalid
+            if not line:
+                break
             line = line.rstrip("\r\n")
             if not line.strip():
                 continue
@@ -244,6 +308,8 @@ def iter_lines(path: str | os.PathLike, batch_size: int = 4096) -> Iterator[list
                 batch = []
     if batch:
         yield batch
+    if invalid:
+        _warn_invalid_utf8(path, invalid)
 
 
 def read_lines(path: str | os.PathLike) -> list[str]:

@@ -22,7 +22,8 @@ import numpy as np
 
 from .distributed import run_once
 from .errors import DataError
-from .m2d2 import EMBEDDED_TOKENIZER, DataSource, default_cache_dir, iter_lines
+from .m2d2 import (EMBEDDED_TOKENIZER, DataSource, check_inside, check_name, default_cache_dir,
+                   iter_lines)
 
 CACHE_FORMAT = 1  # bump when the stream format changes; old cache files are then ignored
 
@@ -118,8 +119,15 @@ class TokenCache:
         return h.hexdigest()[:24]
 
     def paths(self, domain: str, split: str, key: str) -> tuple[Path, Path]:
-        folder, stem = self.cache_dir / "tokens", f"{domain}.{split}.{key}"
-        return folder / f"{stem}.bin", folder / f"{stem}.json"
+        """The stream and its sidecar; refused (DataError) unless both stay in `cache_dir/tokens`:
+        domain and split are part of the file name, so '../x' would write elsewhere."""
+        folder = self.cache_dir / "tokens"
+        fix = "use a plain name without '/', '..' or NUL"
+        check_name(domain, "domain", folder, fix)
+        check_name(split, "split", folder, fix)
+        stem = f"{domain}.{split}.{key}"
+        return tuple(check_inside(folder / f"{stem}{ext}", folder, "token cache file",
+                                  f"remove the link from {folder}") for ext in (".bin", ".json"))
 
     def tokens(self, source: DataSource, domain: str, split: str) -> np.ndarray:
         """The split's token stream as a read-only memory map, tokenizing it on first use."""
