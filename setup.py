@@ -36,5 +36,6 @@ setup(
     # accelerate: what transformers.Trainer and `accelerate launch` need (tram_dist itself does
     # not import it); matplotlib: the comparison's plot (launch/compare.py).
     extras_require={"deepspeed": ["deepspeed>=0.15"], "trainer": ["accelerate>=0.34"],
-                    "plot": ["matplotlib"], "dev": ["pytest>=8", "pytest-timeout"]},
+                    "plot": ["matplotlib"],
+                    "tensorboard": ["tensorboard"], "wandb": ["wandb"], "dev": ["pytest>=8", "pytest-timeout"]},
 )

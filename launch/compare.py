@@ -4,6 +4,7 @@
     python launch/compare.py --methods adamw,sam,tram-theta-prev --seeds 3 --max-steps 200
     python launch/compare.py --methods adamw,tram-x --sweep radius_scale=1,100,10000
     python launch/compare.py --methods adamw,sam --jobs 2 -- --warmup-steps 10 --dropout 0
+    python launch/compare.py --config configs/gpt2_s2orc_math.yaml --methods adamw,tram-theta-prev --jobs 1
 
 Runs launch/train_m2d2.py once per (method, seed[, sweep value]) as a subprocess, --jobs N at
 a time (default: 2 on a machine with 2 or more cores, one thread each; --jobs 1: sequential),
@@ -18,7 +19,6 @@ The tables, statistics and plot are tram_dist/compare.py.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -31,6 +31,8 @@ from tram_dist.compare import (CompareError, check_method_args, compare, expand_
                                parse_methods, parse_sweep)
 from tram_dist.data.pretrained import PRETRAINED_TINY  # noqa: E402
 from tram_dist.methods import METHODS  # noqa: E402
+from tram_dist.run import ConfigError, RunConfig  # noqa: E402
+from tram_dist.run.config import METHOD_ARGS  # noqa: E402
 
 LAUNCHER = Path(__file__).resolve().parent / "train_m2d2.py"
 
@@ -50,16 +52,14 @@ DEFAULT_JOBS = max(1, min(2, os.cpu_count() or 1))  # one run per core, one thre
 DEFAULT_OUTPUT = "runs/compare"
 
 
-def launcher_method_args() -> tuple[str, ...]:
-    """The launcher's --method-arg names (imported from it, as the tests import it)."""
-    name = "_train_m2d2_for_compare"
-    module = sys.modules.get(name)
-    if module is None:
-        spec = importlib.util.spec_from_file_location(name, LAUNCHER)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # its dataclasses look their module up
-        spec.loader.exec_module(module)
-    return tuple(module.METHOD_ARGS)
+def preset_defaults(path: str) -> dict:
+    """compare's launcher flags from a preset, so that a preset's run is compared as it is."""
+    config = RunConfig.from_yaml(path)
+    if config.train_domain is None:
+        raise CompareError(f"--config {path} names no train_domain; add one or pass --train-domain")
+    return dict(model=config.model, train_domain=config.train_domain, max_steps=config.max_steps,
+                batch_size=config.batch_size, block_size=config.block_size or 0, lr=config.lr,
+                eval_interval=config.eval_interval)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--jobs", type=int, default=DEFAULT_JOBS, help="runs at a time (default %(default)s: one per "
       "core, at most 2; 1 = sequential); each gets cores / jobs threads unless OMP_NUM_THREADS is set")
     a("--resume-existing", action="store_true", help="skip runs whose eval.json exists")
+    a("--config", help="a launcher preset (configs/*.yaml) given to every run; the launcher flags "
+      "below then default to the preset's values instead of the tiny CPU comparison's")
     g = p.add_argument_group("launcher flags given to every run")
     g.add_argument("--model", default=str(PRETRAINED_TINY), help="local folder or hub name "
                    "(default: the shipped pretrained tiny GPT-2, tram_dist/data/pretrained/tiny-gpt2-m2d2)")
@@ -101,14 +103,18 @@ def main(argv=None) -> int:
     if "--" in argv:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1:]
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
     try:
+        preset = parser.parse_known_args(argv)[0].config
+        if preset:
+            parser.set_defaults(**preset_defaults(preset))
+        args = parser.parse_args(argv)
         methods = parse_methods(args.methods, METHODS)
         if args.jobs < 1:
             raise CompareError(f"--jobs {args.jobs} must be >= 1")
         if args.max_steps < 1:
             raise CompareError(f"--max-steps {args.max_steps} must be >= 1 (a comparison of training runs)")
-        allowed = launcher_method_args() + ("sigma",)
+        allowed = METHOD_ARGS + ("sigma",)
         sweeps = [parse_sweep(s, allowed) for s in args.sweep]
         check_method_args(args.method_arg, methods)
         expand_runs(methods, args.seeds, sweeps)  # refuses a sweep no method takes, bad values
@@ -116,7 +122,8 @@ def main(argv=None) -> int:
         if model.startswith(("/", ".", "~")) and not Path(model).expanduser().exists():
             # (a hub name "owner/name" is left to the launcher)
             raise CompareError(f"--model {model} does not exist; pass a local model folder or a hub name")
-        common = ["--model", model, "--train-domain", args.train_domain,
+        common = ["--config", args.config] if args.config else []
+        common += ["--model", model, "--train-domain", args.train_domain,
                   "--max-steps", str(args.max_steps), "--lr", repr(args.lr),
                   "--batch-size", str(args.batch_size), "--eval-interval", str(args.eval_interval)]
         if args.block_size:
@@ -128,7 +135,7 @@ def main(argv=None) -> int:
         report = compare(methods, seeds=args.seeds, output_dir=args.output_dir, launcher=LAUNCHER,
                          common=common, extra=extra, sweeps=sweeps, jobs=args.jobs,
                          resume_existing=args.resume_existing)
-    except CompareError as e:
+    except (CompareError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 1 if report["failed"] else 0

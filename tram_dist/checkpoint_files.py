@@ -131,9 +131,10 @@ def check_same_run(saved: Dict, current: Dict, *, allow_change: bool) -> List[st
     changed = [k for k in current if k in saved and saved[k] != current[k]]
     if changed and not allow_change:
         k = changed[0]
-        raise CheckpointError(f"--resume: {k} was {saved[k]!r} when the checkpoint was written, and is "
-                              f"{current[k]!r} now; resume with the same {k}, or pass "
-                              "--allow-config-change to continue with the new value (it is recorded)")
+        raise CheckpointError(f"{k} was {saved[k]!r} when the checkpoint was written, and is "
+                              f"{current[k]!r} now; resume with the same {k}, or set "
+                              "allow_config_change (--allow-config-change) to continue with the "
+                              "new value (it is recorded)")
     return changed
 
 

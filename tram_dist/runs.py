@@ -1,5 +1,6 @@
-"""Run assembly for launchers: one Hugging Face model, its optimizer and a ``TrainStep`` under
-one engine, with checkpoints and a consolidated ``save_pretrained`` export.
+"""One engine's part of a run: a Hugging Face model, its optimizer and a ``TrainStep`` under one
+engine, with that engine's checkpoint layout and a consolidated ``save_pretrained`` export.
+``tram_dist.Run`` builds one; the engine tests build them directly.
 
     run = build_run(kind, module, dist=d, args=args, method_kwargs={...}, ds_config=cfg)
     metrics = run.step(micro_batches)              # one optimizer step
@@ -71,11 +72,30 @@ def _autocast(args):
     return torch.bfloat16 if args.bf16 else None
 
 
-def _step_options(args, divergence) -> dict:
-    """The ``TrainStep`` options every engine's run takes from the launcher's flags."""
-    return dict(divergence=divergence, autocast_dtype=_autocast(args), max_grad_norm=args.max_grad_norm,
-                seed=args.seed, target_dropout=getattr(args, "target_dropout", "shared"),
-                divergence_fraction=getattr(args, "divergence_fraction", 1.0))
+def _step_options(args, divergence, overrides=None) -> dict:
+    """The ``TrainStep`` options every engine's run takes from the config (``overrides``: a
+    caller's own, e.g. a test's)."""
+    out = dict(divergence=divergence, autocast_dtype=_autocast(args), max_grad_norm=args.max_grad_norm,
+               seed=args.seed, target_dropout=getattr(args, "target_dropout", "shared"),
+               divergence_fraction=getattr(args, "divergence_fraction", 1.0))
+    out.update(overrides or {})
+    return out
+
+
+def _optimizer(module, args, method_kwargs: dict, spec):
+    """``(optimizer, trust_region, divergence)`` of the method: from ``build_method`` by name,
+    or from ``spec = (optimizer class or None, its hyperparameters, trust region)``, a method
+    given by its parts (as ``method_spec`` returns them; e.g. a variant build_method lacks)."""
+    kwargs, divergence = _split_method_kwargs(method_kwargs)
+    if spec is None:
+        optimizer, trust_region = build_method(args.method, module, lr=args.lr, betas=tuple(args.betas),
+                                               weight_decay=args.weight_decay, sigma=args.sigma, **kwargs)
+        return optimizer, trust_region, divergence
+    cls, hyper, trust_region = spec
+    params = [p for p in module.parameters() if p.requires_grad]
+    base = dict(lr=args.lr, betas=tuple(args.betas), eps=kwargs.get("eps", 1e-8), weight_decay=args.weight_decay)
+    optimizer = cls(params, torch.optim.AdamW, **base, **hyper) if cls else torch.optim.AdamW(params, **base)
+    return optimizer, trust_region, divergence
 
 
 def _barrier() -> None:
@@ -123,7 +143,7 @@ def _tie_aliases(module, state_dict: dict) -> dict:
 class LocalRun:
     """Single process or DDP: whole parameters on every rank, rank 0 writes checkpoints."""
 
-    def __init__(self, kind: str, module, d, args, method_kwargs: dict):
+    def __init__(self, kind: str, module, d, args, method_kwargs: dict, spec=None, step_overrides=None):
         self.kind, self.module, self.dist = kind, module.to(d.device), d
         self.model = self.module
         if kind == "ddp":
@@ -131,12 +151,9 @@ class LocalRun:
 
             self.model = DDP(self.module, device_ids=[d.device.index] if d.device.type == "cuda" else None)
         self.eval_model = self.module  # no-grad forwards need no DDP hooks
-        kwargs, divergence = _split_method_kwargs(method_kwargs)
-        self.optimizer, self.trust_region = build_method(
-            args.method, self.module, lr=args.lr, betas=tuple(args.betas),
-            weight_decay=args.weight_decay, sigma=args.sigma, **kwargs)
+        self.optimizer, self.trust_region, divergence = _optimizer(self.module, args, method_kwargs, spec)
         self.step = TrainStep(self.model, self.optimizer, trust_region=self.trust_region,
-                              **_step_options(args, divergence))
+                              **_step_options(args, divergence, step_overrides))
 
     def save_checkpoint(self, path: Path, client_state: dict) -> None:
         if self.dist.main:
@@ -171,6 +188,20 @@ def transformer_blocks(module) -> list:
     return blocks
 
 
+def fsdp_mesh(device_type: str, world_size: int, replicas: int = 1):
+    """The 1-D mesh of plain FSDP2, or HSDP's 2-D (replicate, shard) mesh: ``replicas`` groups of
+    ``world_size / replicas`` consecutive ranks (a node's GPUs), each holding one full sharded copy."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if replicas == 1:
+        return init_device_mesh(device_type, (world_size,))
+    if world_size % replicas:
+        raise RunError(f"hsdp_replicas {replicas} does not divide the world size {world_size}; use "
+                       "the number of nodes (or another divisor)")
+    return init_device_mesh(device_type, (replicas, world_size // replicas),
+                            mesh_dim_names=("replicate", "shard"))
+
+
 class FSDP2Run:
     """``fully_shard`` each transformer block, then the root, over a 1-D mesh of every rank.
 
@@ -180,27 +211,23 @@ class FSDP2Run:
 
     kind = "fsdp"
 
-    def __init__(self, module, d, args, method_kwargs: dict):
-        from torch.distributed.device_mesh import init_device_mesh
+    def __init__(self, module, d, args, method_kwargs: dict, spec=None, step_overrides=None):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         if not (dist.is_available() and dist.is_initialized()):
             raise RunError("FSDP2 needs an initialised process group (start with torchrun)")
         self.dist = d
         module = module.to(d.device)
-        mesh = init_device_mesh(d.device.type, (dist.get_world_size(),))
+        mesh = fsdp_mesh(d.device.type, dist.get_world_size(), getattr(args, "hsdp_replicas", 1))
         mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if args.bf16 else MixedPrecisionPolicy())
         for block in transformer_blocks(module):
             fully_shard(block, mesh=mesh, mp_policy=mp)
         fully_shard(module, mesh=mesh, mp_policy=mp)
         self.module = self.model = self.eval_model = module  # forwards are collective: every rank runs them
-        kwargs, divergence = _split_method_kwargs(method_kwargs)
-        self.optimizer, self.trust_region = build_method(
-            args.method, module, lr=args.lr, betas=tuple(args.betas),
-            weight_decay=args.weight_decay, sigma=args.sigma, **kwargs)
+        self.optimizer, self.trust_region, divergence = _optimizer(module, args, method_kwargs, spec)
         self.step = TrainStep(module, self.optimizer, trust_region=self.trust_region,
-                              **_step_options(args, divergence))
+                              **_step_options(args, divergence, step_overrides))
 
     def _reshard(self) -> None:
         # a no-grad forward (evaluation) leaves the root unit gathered: state dicts want shards
@@ -280,7 +307,7 @@ class DeepSpeedRun:
 
     kind = "deepspeed"
 
-    def __init__(self, module, d, args, method_kwargs: dict, ds_config: dict):
+    def __init__(self, module, d, args, method_kwargs: dict, ds_config: dict, spec=None, step_overrides=None):
         import deepspeed
 
         from .engines import deepspeed as tram_ds
@@ -290,7 +317,10 @@ class DeepSpeedRun:
         config = dict(ds_config)
         config["gradient_clipping"] = 0.0  # TrainStep clips (--max-grad-norm); DeepSpeed must not clip again
         self.dist = d
-        cls, hyper, self.trust_region, divergence = method_spec(args, method_kwargs)
+        if spec is None:
+            cls, hyper, self.trust_region, divergence = method_spec(args, method_kwargs)
+        else:
+            (cls, hyper, self.trust_region), divergence = spec, _split_method_kwargs(method_kwargs)[1]
         base = dict(lr=args.lr, betas=tuple(args.betas), eps=method_kwargs.get("eps", 1e-8),
                     weight_decay=args.weight_decay)
         self.ds_engine, train_optimizer, self.engine = tram_ds.initialize(
@@ -299,7 +329,7 @@ class DeepSpeedRun:
         self.model = self.eval_model = self.ds_engine  # ZeRO-3 forwards are collective
         self.optimizer = self.ds_engine.optimizer.optimizer  # the base AdamW: what the schedule drives
         self.step = TrainStep(self.ds_engine, train_optimizer, trust_region=self.trust_region,
-                              engine=self.engine, **_step_options(args, divergence))
+                              engine=self.engine, **_step_options(args, divergence, step_overrides))
 
     def save_checkpoint(self, path: Path, client_state: dict) -> None:
         from .checkpoint import save_checkpoint
@@ -360,17 +390,22 @@ def parameters_finite(module, device) -> bool:
     return bad == 0
 
 
-def build_run(kind: str, module, *, dist, args, method_kwargs: dict, ds_config: Optional[dict] = None) -> Any:
-    """The run for engine ``kind`` (``single``, ``ddp``, ``fsdp`` or ``deepspeed``); ``dist`` has
-    ``rank``, ``world_size``, ``device`` and ``main``."""
+def build_run(kind: str, module, *, dist, args, method_kwargs: dict, ds_config: Optional[dict] = None,
+              spec=None, step_overrides: Optional[dict] = None) -> Any:
+    """The run for engine ``kind`` (``single``, ``ddp``, ``fsdp`` or ``deepspeed``). ``dist`` has
+    ``rank``, ``world_size``, ``device`` and ``main``; ``args`` is a ``RunConfig`` (or anything
+    with its method, lr, betas, weight_decay, sigma, bf16, max_grad_norm and seed fields).
+    ``spec``: the method by its parts instead of by name (see ``_optimizer``);
+    ``step_overrides``: ``TrainStep`` options over the config's."""
+    extra = dict(spec=spec, step_overrides=step_overrides)
     if kind in ("single", "ddp"):
-        return LocalRun(kind, module, dist, args, method_kwargs)
+        return LocalRun(kind, module, dist, args, method_kwargs, **extra)
     if kind == "fsdp":
-        return FSDP2Run(module, dist, args, method_kwargs)
+        return FSDP2Run(module, dist, args, method_kwargs, **extra)
     if kind == "deepspeed":
         if ds_config is None:
-            raise RunError("the deepspeed engine needs a DeepSpeed config (--deepspeed FILE)")
-        return DeepSpeedRun(module, dist, args, method_kwargs, ds_config)
+            raise RunError("the deepspeed engine needs a DeepSpeed config (deepspeed_config)")
+        return DeepSpeedRun(module, dist, args, method_kwargs, ds_config, **extra)
     raise RunError(f"unknown engine {kind!r}; one of {', '.join(KINDS)}")
 
 

@@ -109,7 +109,9 @@ def test_launcher_loads_the_pretrained_folder(tmp_path, launcher):
     assert len(tok) == len(load_tokenizer("tiny")) and tok.eos_token_id == 0
     want = tiny_config(tok)
     # the launcher's --model tiny is the architecture the folder was trained with
-    assert launcher.model_config("tiny", tok).to_dict() == want.to_dict()
+    from tram_dist.run.model import model_config
+
+    assert model_config("tiny", tok).to_dict() == want.to_dict()
     from transformers import AutoConfig
 
     got = AutoConfig.from_pretrained(str(PRETRAINED_TINY))

@@ -123,6 +123,11 @@ def method_spec(method: str):
     }[method]
 
 
+def deepspeed_logging_quiet() -> None:
+    import deepspeed
+    deepspeed.utils.logger.setLevel(logging.ERROR)
+
+
 def zero_config(stage: int, bf16: bool, world: int, micro: int, accum: int = 1, **zero_overrides):
     zero = {"stage": stage, "overlap_comm": False, "contiguous_gradients": True,
             "stage3_param_persistence_threshold": 0}
@@ -134,61 +139,65 @@ def zero_config(stage: int, bf16: bool, world: int, micro: int, accum: int = 1, 
 
 
 class Run:
-    """One model + optimizer + TrainStep under one engine."""
+    """One model + optimizer + TrainStep under one engine, built by the library's engine runs
+    (``tram_dist.runs.build_run``, what ``tram_dist.Run`` uses) from a ``RunConfig``; the methods
+    are given by their parts (``method_spec``) so that variants build_method lacks (TRAM-EMA)
+    and the tests' own hyperparameters run through the same code. FSDP1 (CUDA only) is the
+    one engine the library's runs do not build."""
+
+    KIND = {"single": "single", "ddp": "ddp", "fsdp2": "fsdp", "fsdp2-bf16": "fsdp"}
 
     def __init__(self, engine: str, method: str, world: int, accum: int = 1, zero_overrides=None,
                  model_overrides=None, step_kwargs=None, on_nonfinite: str = "skip",
                  gradient_checkpointing: bool = False):
-        from tram_dist import TrainStep
+        from tram_dist import RunConfig
+        from tram_dist.run.distributed import Dist
+        from tram_dist.runs import build_run
 
         self.kind, self.method, self.world, self.accum = engine, method, world, accum
         cls, hp, tr = method_spec(method)
         model = tiny_gpt2(**(model_overrides or {}))
-        if gradient_checkpointing:  # before any wrapping, as Trainer and the launcher do
+        if gradient_checkpointing:  # before any wrapping, as the library's Run does
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.inner = model
-        kw = {**hp, **BASE}
-        if cls is not None:
-            kw["on_nonfinite"] = on_nonfinite
-        if engine == "single":
-            self.model = model
-            opt = cls(model.parameters(), torch.optim.AdamW, **kw) if cls else torch.optim.AdamW(model.parameters(), **BASE)
-        elif engine == "ddp":
-            from torch.nn.parallel import DistributedDataParallel
-            self.model = DistributedDataParallel(model)
-            opt = cls(model.parameters(), torch.optim.AdamW, **kw) if cls else torch.optim.AdamW(model.parameters(), **BASE)
-        elif engine.startswith("fsdp2"):
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-            mesh = init_device_mesh("cpu", (world,))
-            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16) if engine.endswith("bf16") else MixedPrecisionPolicy()
-            for block in model.transformer.h:
-                fully_shard(block, mesh=mesh, mp_policy=mp)
-            fully_shard(model, mesh=mesh, mp_policy=mp)
-            self.model = model
-            opt = cls(model.parameters(), torch.optim.AdamW, **kw) if cls else torch.optim.AdamW(model.parameters(), **BASE)
-        elif engine == "fsdp1":  # CUDA only: FSDP1 refuses CPU
+        hyper = {**hp, "on_nonfinite": on_nonfinite} if cls is not None else {}
+        spec = (cls, hyper, tr() if tr else None)
+        # "-bf16" engines: bf16 working weights (FSDP2 compute copies, ZeRO's bf16 partitions)
+        # without autocast, so the bf16 error is the weights' alone, as the tolerances assume
+        overrides = {"autocast_dtype": None, "seed": SEED, **(step_kwargs or {})}
+        if engine == "fsdp1":  # CUDA only: FSDP1 refuses CPU
             from torch.distributed.fsdp import FullyShardedDataParallel
             from torch.distributed.fsdp.wrap import ModuleWrapPolicy
             from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+            from tram_dist import TrainStep
             torch.cuda.set_device(dist.get_rank() % torch.cuda.device_count())
             self.model = FullyShardedDataParallel(model.cuda(), use_orig_params=True,
                                                   auto_wrap_policy=ModuleWrapPolicy({GPT2Block}),
                                                   device_id=torch.cuda.current_device())
             self.inner = self.model
-            opt = cls(self.model.parameters(), torch.optim.AdamW, **kw) if cls else torch.optim.AdamW(self.model.parameters(), **BASE)
-        elif engine.startswith("zero"):
-            import deepspeed
-            from tram_dist.engines import deepspeed as tram_ds
-            deepspeed.utils.logger.setLevel(logging.ERROR)
-            stage = int(engine[4])
-            micro = N_GLOBAL // world // accum
-            cfg = zero_config(stage, engine.endswith("bf16"), world, micro, accum, **(zero_overrides or {}))
-            self.model, opt, _ = tram_ds.initialize(model, cls, cfg, **kw)
-        else:
-            raise ValueError(engine)
-        self.optimizer = opt
-        self.step = TrainStep(self.model, opt, trust_region=tr() if tr else None, seed=SEED, **(step_kwargs or {}))
+            opt = cls(self.model.parameters(), torch.optim.AdamW, **hyper, **BASE) if cls else \
+                torch.optim.AdamW(self.model.parameters(), **BASE)
+            self.optimizer = opt
+            self.step = TrainStep(self.model, opt, trust_region=spec[2], **overrides)
+            self.engine = self.step.engine
+            return
+        bf16 = engine.endswith("bf16")
+        config = RunConfig(method=method, lr=LR,
+                           betas=BASE["betas"], weight_decay=BASE["weight_decay"], sigma=SIGMA,
+                           bf16=bf16, seed=SEED)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        ds_config = None
+        if engine.startswith("zero"):
+            deepspeed_logging_quiet()
+            ds_config = zero_config(int(engine[4]), bf16, world, N_GLOBAL // world // accum, accum,
+                                    **(zero_overrides or {}))
+        kind = self.KIND.get(engine, "deepspeed")
+        self.run = build_run(kind, model, dist=Dist(rank, world, rank), args=config, method_kwargs={},
+                             ds_config=ds_config, spec=spec, step_overrides=overrides)
+        self.model = self.run.model
+        self.inner = self.run.module
+        self.optimizer = self.run.step.optimizer
+        self.step = self.run.step
         self.engine = self.step.engine
 
     def micro_batches(self, step: int):

@@ -212,3 +212,22 @@ def test_default_model_is_the_shipped_pretrained_folder():
     assert Path(args.model) == PRETRAINED_TINY and PRETRAINED_TINY.is_dir()
     assert set(C.parse_methods(args.methods, compare_script.METHODS)) >= {
         "adamw", "sam", "asam", "tram-theta-prev", "tram-x", "tram-theta0"}
+
+
+def test_a_preset_gives_the_runs_its_own_settings(tmp_path, monkeypatch):
+    """--config: the flags compare passes to every run are the preset's, not the tiny defaults."""
+    preset = ROOT / "configs" / "gpt2_s2orc_math.yaml"
+    seen = {}
+
+    def fake_compare(methods, **kw):
+        seen.update(kw)
+        return {"failed": []}
+
+    monkeypatch.setattr(compare_script, "compare", fake_compare)
+    assert compare_script.main(["--config", str(preset), "--methods", "adamw", "--max-steps", "7"]) == 0
+    common = seen["common"]
+    flags = dict(zip(common[::2], common[1::2]))
+    assert flags["--config"] == str(preset) and flags["--model"] == "gpt2"
+    assert (flags["--train-domain"], flags["--lr"], flags["--batch-size"], flags["--block-size"]) == (
+        "math_l1", "2e-05", "16", "1024")
+    assert flags["--max-steps"] == "7" and flags["--eval-interval"] == "5000"  # a flag beats the preset

@@ -43,17 +43,17 @@ def m2d2(root, splits=("train", "valid", "test")):
     (["--config", str(ROOT / "configs" / "gpt2_s2orc_math.yaml"), "--data-dir", "/nonexistent/m2d2"],
      "data folder /nonexistent/m2d2 does not exist"),
     (["--batch-size", "10", "--micro-batch-size", "4"], "not divisible by world size 1 x micro-batch 4"),
-    (["--block-size", "512"], "--block-size 512 exceeds the context of --model tiny (256 tokens)"),
+    (["--block-size", "512"], "block_size: 512 exceeds the context of model tiny (256 tokens)"),
     (["--deepspeed", "x.json", "--fsdp"], "--deepspeed and --fsdp both given"),
-    (["--deepspeed", "/nonexistent.json"], "DeepSpeed config /nonexistent.json does not exist"),
+    (["--deepspeed", "/nonexistent.json"], "deepspeed_config: /nonexistent.json does not exist"),
     (["--resume"], "no checkpoint-* folder"),
     (["--method-arg", "rho"], "must be KEY=VALUE"),
-    (["--lr", "0"], "--lr 0.0 must be > 0"),
-    (["--method", "sam", "--method-arg", "rho=-1", "--max-steps", "0"], "--method sam: SAM: rho must be"),
+    (["--lr", "0"], "lr: 0.0 must be a finite number > 0"),
+    (["--method", "sam", "--method-arg", "rho=-1", "--max-steps", "0"], "method_args: sam: SAM: rho must be"),
     (["--model", "/nonexistent/model"], "cannot load"),
-    (["--dropout", "1.5"], "--dropout 1.5: dropout must be a number in [0, 1)"),
+    (["--dropout", "1.5"], "dropout: 1.5 must be in [0, 1)"),
     (["--deepspeed", str(ROOT / "configs" / "zero2.json"), "--analysis"],
-     "--analysis (epsilon-sharpness) runs on single-process, DDP and FSDP2 runs"),
+     "analysis: epsilon-sharpness runs on single, ddp and fsdp2 runs, not under DeepSpeed"),
     (["--method", "sam", "--method-arg", "radius_scale=10", "--max-steps", "0"],
      "radius_scale sizes TRAM's ascent"),
     (["--method", "tram-x", "--method-arg", "radius_scale=-1", "--max-steps", "0"],
@@ -77,7 +77,7 @@ def test_deepspeed_preset_contradicting_the_run(capsys, tmp_path):
     cfg = tmp_path / "ds.json"
     cfg.write_text(json.dumps({"train_batch_size": 32, "zero_optimization": {"stage": 2}}))
     err = fails(["--deepspeed", str(cfg), "--batch-size", "16"], capsys, tmp_path)
-    assert "train_batch_size is 32 but the run has --batch-size=16" in err
+    assert "train_batch_size is 32 but the run has batch_size=16" in err
 
 
 def test_fsdp_under_the_deepspeed_launcher(capsys, tmp_path):
@@ -106,7 +106,7 @@ def test_hub_offline(capsys, tmp_path, monkeypatch):
 def test_bad_preset(capsys, tmp_path):
     cfg = tmp_path / "p.yaml"
     cfg.write_text("batch_size: 16\nlearning_rate: 0.1\n")
-    assert "unknown option 'learning_rate'" in fails(["--config", str(cfg)], capsys, tmp_path)
+    assert "learning_rate: unknown field in" in fails(["--config", str(cfg)], capsys, tmp_path)
     cfg.write_text("method: tram\n")
     assert "'tram' is not one of adamw" in fails(["--config", str(cfg)], capsys, tmp_path)
     cfg.write_text("max_steps: lots\n")
@@ -115,12 +115,15 @@ def test_bad_preset(capsys, tmp_path):
 
 def test_presets_parse_and_flags_override(tmp_path):
     for name in ("tiny", "gpt2_wiki_soc", "gpt2_s2orc_math", "gpt2xl_s2orc_math"):
-        args = train_m2d2.parse_args(["--config", str(ROOT / "configs" / f"{name}.yaml"), "--lr", "0.5"])
+        args = train_m2d2.config_from_args(["--config", str(ROOT / "configs" / f"{name}.yaml"), "--lr", "0.5"])
         assert args.lr == 0.5 and args.method in train_m2d2.METHODS
-    xl = train_m2d2.parse_args(["--config", str(ROOT / "configs" / "gpt2xl_s2orc_math.yaml")])
+        assert args.validate() is args
+    xl = train_m2d2.config_from_args(["--config", str(ROOT / "configs" / "gpt2xl_s2orc_math.yaml")])
     assert (xl.batch_size, xl.micro_batch_size, xl.max_steps, xl.model) == (16, 4, 100000, "gpt2-xl")
-    assert Path(xl.deepspeed).is_file() and len(xl.eval_domains) == 11
-    soc = train_m2d2.parse_args(["--config", str(ROOT / "configs" / "gpt2_wiki_soc.yaml")])
+    assert Path(xl.deepspeed_config).is_file() and len(xl.eval_domains) == 11
+    fsdp = train_m2d2.config_from_args(["--config", str(ROOT / "configs" / "gpt2xl_s2orc_math.yaml"), "--fsdp"])
+    assert (fsdp.engine, fsdp.deepspeed_config) == ("fsdp2", None)  # the flag replaces the preset's engine
+    soc = train_m2d2.config_from_args(["--config", str(ROOT / "configs" / "gpt2_wiki_soc.yaml")])
     assert soc.train_domain == "Society_and_social_sciences" and soc.eval_domains[0] == soc.train_domain
     assert (soc.lr, soc.warmup_steps, soc.max_steps, tuple(soc.betas)) == (2e-5, 10000, 50000, (0.9, 0.99))
 

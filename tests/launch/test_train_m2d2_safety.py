@@ -43,17 +43,28 @@ def _steps(path):
     return [json.loads(line)["step"] for line in path.read_text().splitlines()]
 
 
-def test_a_diverging_run_stops_and_exports_nothing(tmp_path, capsys):
+def test_an_infinite_lr_is_refused_before_any_work(tmp_path, capsys):
     code, err = _exit(_args(tmp_path, "--lr", "inf"), capsys)
-    assert code == 3 and "NaN or infinite" in err and "nothing was exported" in err, err
+    assert code == 2 and err == "error: lr: inf must be a finite number > 0", err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_diverging_run_stops_and_exports_nothing(tmp_path, capsys):
+    code, err = _exit(_args(tmp_path, "--lr", "1e6"), capsys)
+    assert code == 3 and "training stopped and nothing was exported" in err, err
     out = tmp_path / "out"
-    assert not (out / "final").exists() and not list(out.glob("checkpoint-*"))  # none holds NaN
+    assert not (out / "final").exists()
+    kept = sorted(out.glob("checkpoint-*"))
+    assert f"Last good checkpoint: {kept[-1]}" in err if kept else "Last good checkpoint: none" in err
+    for folder in kept:  # none holds NaN
+        state = torch.load(folder / "state.pt", weights_only=True)
+        assert all(torch.isfinite(t).all() for t in state["model"].values())
 
 
 def test_a_used_output_dir_is_refused_unless_overwrite(tmp_path, capsys):
     train_m2d2.main(_args(tmp_path))
     code, err = _exit(_args(tmp_path, steps=2), capsys)
-    assert code == 2 and "already holds a run" in err and "--overwrite" in err
+    assert code == 2 and "already holds a run" in err and "set overwrite" in err
     train_m2d2.main(_args(tmp_path, "--overwrite", steps=2))
     out = tmp_path / "out"
     assert [p.name for p in sorted(out.glob("checkpoint-*"))] == ["checkpoint-00000001", "checkpoint-00000002"]
@@ -86,3 +97,55 @@ def test_resume_with_changed_settings_is_refused_or_recorded(tmp_path, capsys):
     assert changes[-1]["changed"]["max_steps"] == [2, 3]
     rec = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
     assert rec["step"] == 3 and rec["lr"] < 5e-4 + 1e-12  # the new peak lr drives the schedule
+
+
+def test_a_truncated_weights_file_is_one_line(tmp_path, capsys):
+    import shutil
+
+    from tram_dist.data.pretrained import PRETRAINED_TINY
+
+    model = tmp_path / "model"
+    shutil.copytree(PRETRAINED_TINY, model)
+    weights = model / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    code, err = _exit(_args(tmp_path, "--model", str(model)), capsys)
+    assert code == 2 and err.startswith(f"error: model: cannot load {str(model)!r}"), err
+    assert "truncated or damaged weights file" in err and not (tmp_path / "out" / "final").exists()
+
+
+def test_an_output_dir_that_cannot_be_written_is_one_line_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code, err = _exit(_args(tmp_path, "--output-dir", str(blocker)), capsys)
+    assert code == 2 and err == f"error: output_dir {blocker} is a file; pass a folder", err
+    code, err = _exit(_args(tmp_path, "--output-dir", str(blocker / "run")), capsys)
+    assert code == 2 and err.startswith(f"error: output_dir {blocker / 'run'} cannot be written"), err
+    assert not (tmp_path / "cache").exists()  # nothing tokenized
+
+
+def test_a_full_disk_during_a_save_leaves_no_temporary_folder(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import tram_dist.run.checkpoints as ckpt
+
+    def full(folder):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "write_manifest", full)
+    code, err = _exit(_args(tmp_path), capsys)
+    assert code == 2 and "writing checkpoint" in err and "No space left on device" in err, err
+    out = tmp_path / "out"
+    assert not list(out.glob(".checkpoint-*")) and not list(out.glob("checkpoint-*"))
+
+
+def test_too_little_room_for_the_rotation_is_refused_at_the_first_save(tmp_path, capsys, monkeypatch):
+    import shutil as real_shutil
+
+    import tram_dist.run.checkpoints as ckpt
+
+    usage = real_shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    code, err = _exit(_args(tmp_path), capsys)  # keeps 3: 4 checkpoints exist while one is written
+    assert code == 2 and "GiB free, but keeping 3 checkpoints" in err and "lower keep_checkpoints" in err, err
+    assert [p.name for p in (tmp_path / "out").glob("checkpoint-*")] == ["checkpoint-00000001"]

@@ -1,0 +1,135 @@
+"""tram_dist.Run: the launcher's job from Python, and its steps one by one."""
+import importlib.machinery
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tram_dist import Run, RunConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+spec = importlib.util.spec_from_file_location("train_m2d2_api", ROOT / "launch" / "train_m2d2.py")
+train_m2d2 = importlib.util.module_from_spec(spec)
+sys.modules["train_m2d2_api"] = train_m2d2
+spec.loader.exec_module(train_m2d2)
+
+real_find_spec = importlib.util.find_spec
+SMALL = dict(max_steps=3, batch_size=2, block_size=32, eval_domains=["math", "cs"], method="tram-x",
+             eval_interval=0, save_interval=0, eval_batch_size=4)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _flags(values: dict) -> list:
+    out = []
+    for key, value in values.items():
+        flag = "--" + key.replace("_", "-")
+        out += [flag, *map(str, value)] if isinstance(value, list) else [flag, str(value)]
+    return out
+
+
+def test_the_python_script_runs_the_launchers_job(tmp_path):
+    cache = str(tmp_path / "cache")
+    train_m2d2.main(["--config", str(ROOT / "configs" / "tiny.yaml"), "--cache-dir", cache,
+                     "--output-dir", str(tmp_path / "cli"), *_flags(SMALL)])
+    config = RunConfig.from_yaml(ROOT / "configs" / "tiny.yaml", output_dir=str(tmp_path / "py"),
+                                 cache_dir=cache, **SMALL)
+    summary = Run(config).train()
+    cli = json.loads((tmp_path / "cli" / "eval.json").read_text())
+    assert summary["zs_avg"] == cli["zs_avg"] and summary["in_domain_ppl"] == cli["in_domain_ppl"]
+    a = load_file(tmp_path / "cli" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "py" / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_steps_one_by_one_resume_bit_exactly(tmp_path):
+    base = RunConfig.from_yaml(ROOT / "configs" / "tiny.yaml", cache_dir=str(tmp_path / "cache"),
+                               **{**SMALL, "max_steps": 4, "save_interval": 2, "method": "tram-theta-prev"})
+    whole = Run(base.replace(output_dir=str(tmp_path / "whole")))
+    whole.train()
+    first = Run(base.replace(output_dir=str(tmp_path / "parts"), max_steps=4))
+    first.build()
+    assert first.save_checkpoint().name == "checkpoint-00000000"
+    record = first.evaluate()
+    assert record["step"] == 0 and set(record["domains"]) == {"math", "cs"}
+    second = Run(base.replace(output_dir=str(tmp_path / "parts"), resume="latest"))
+    assert second.resume_from.name == "checkpoint-00000000"
+    second.train()
+    a = load_file(tmp_path / "whole" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "parts" / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    exported = second.export(tmp_path / "copy")
+    assert (exported / "model.safetensors").is_file() and not list(tmp_path.glob(".copy.tmp"))
+    steps = [json.loads(x)["step"] for x in (tmp_path / "parts" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_gradient_checkpointing_changes_nothing(tmp_path):
+    base = RunConfig.from_yaml(ROOT / "configs" / "tiny.yaml", cache_dir=str(tmp_path / "cache"),
+                               **{**SMALL, "max_steps": 2, "method": "tram-theta-prev", "dropout": 0.1})
+    Run(base.replace(output_dir=str(tmp_path / "plain"))).train()
+    Run(base.replace(output_dir=str(tmp_path / "ckpt"), gradient_checkpointing=True)).train()
+    a = load_file(tmp_path / "plain" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "ckpt" / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    m = [json.loads(x) for x in (tmp_path / "ckpt" / "metrics.jsonl").read_text().splitlines()]
+    n = [json.loads(x) for x in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["divergence"] for r in m] == [r["divergence"] for r in n] and m[0]["divergence"] <= 1e-7
+
+
+def test_report_to_tensorboard_and_wandb(tmp_path, monkeypatch):
+    """TensorBoard: the event files hold every step's metrics and the evaluation. W&B (not
+    installed here): a stand-in module receives the same scalars through wandb's own calls."""
+    import types
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    calls = []
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+
+    class FakeRun:
+        def log(self, scalars, step):
+            calls.append((step, scalars))
+
+        def finish(self):
+            calls.append("finish")
+
+    fake.init = lambda **kw: calls.append(("init", kw)) or FakeRun()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: fake.__spec__ if name == "wandb"
+                        else real_find_spec(name, *a))
+    config = RunConfig.from_yaml(ROOT / "configs" / "tiny.yaml", cache_dir=str(tmp_path / "cache"),
+                                 output_dir=str(tmp_path / "out"), report_to=["tensorboard", "wandb"],
+                                 **{**SMALL, "max_steps": 2})
+    Run(config).train()
+    events = EventAccumulator(str(tmp_path / "out" / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"train/loss", "train/divergence", "train/radius", "train/lr", "eval/zs_avg",
+            "eval/domains/cs"} <= set(tags), tags
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
+    metrics = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([m["loss"] for m in metrics])
+    assert calls[0][0] == "init" and calls[-1] == "finish"
+    assert [c[0] for c in calls[1:-1]] == [1, 2, 2] and "train/eps_applied" in calls[1][1]
+
+
+def test_report_to_a_missing_package_is_refused_before_any_work(tmp_path, monkeypatch):
+    from tram_dist.run import ConfigError
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb"
+                        else real_find_spec(name, *a))
+    with pytest.raises(ConfigError, match=r"report_to: wandb needs the wandb package: pip install wandb"):
+        Run(RunConfig(output_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "c"), report_to=["wandb"]))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "c").exists()
