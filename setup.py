@@ -6,7 +6,7 @@ that name would shadow it.
 """
 import platform
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 # Users with a CUDA torch get these; on a CPU-only machine install torch==2.13.0 first (see README)
 # so that this range is already satisfied and pip never pulls a CUDA build.
@@ -28,14 +28,15 @@ setup(
     version="0.1.0",
     description="TRAM and the SAM family as sharded, fused optimizers for large-model fine-tuning",
     python_requires=">=3.10",
-    packages=["tram_dist", "tram_dist.engines", "tram_dist.data", "tram_dist.kernels"],
+    # every subpackage of tram_dist/ (run, engines, data, integrations, ...) plus kernels/
+    packages=["tram_dist", *(f"tram_dist.{name}" for name in find_packages("tram_dist")), "tram_dist.kernels"],
     package_dir={"tram_dist": "tram_dist", "tram_dist.kernels": "kernels"},
     package_data={"tram_dist.data": ["corpus/*/*.txt", "corpus/*.json", "tokenizer/*", "pretrained/*/*"]},
     install_requires=install_requires,
     # DeepSpeed must be installed with --no-build-isolation after torch (its build imports torch).
     # accelerate: what transformers.Trainer and `accelerate launch` need (tram_dist itself does
     # not import it); matplotlib: the comparison's plot (launch/compare.py).
-    extras_require={"deepspeed": ["deepspeed>=0.15"], "trainer": ["accelerate>=0.34"],
+    extras_require={"deepspeed": ["deepspeed>=0.15"], "trainer": ["accelerate>=1.1"],
                     "plot": ["matplotlib"],
                     "tensorboard": ["tensorboard"], "wandb": ["wandb"], "dev": ["pytest>=8", "pytest-timeout"]},
 )

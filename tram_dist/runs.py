@@ -323,8 +323,10 @@ class DeepSpeedRun:
             (cls, hyper, self.trust_region), divergence = spec, _split_method_kwargs(method_kwargs)[1]
         base = dict(lr=args.lr, betas=tuple(args.betas), eps=method_kwargs.get("eps", 1e-8),
                     weight_decay=args.weight_decay)
+        if not any(hasattr(p, "ds_id") for p in module.parameters()):  # zero.Init places its own
+            module = module.to(d.device)
         self.ds_engine, train_optimizer, self.engine = tram_ds.initialize(
-            module.to(d.device), cls, config, base_optimizer=torch.optim.AdamW, **base, **hyper)
+            module, cls, config, base_optimizer=torch.optim.AdamW, **base, **hyper)
         self.module = self.ds_engine.module
         self.model = self.eval_model = self.ds_engine  # ZeRO-3 forwards are collective
         self.optimizer = self.ds_engine.optimizer.optimizer  # the base AdamW: what the schedule drives

@@ -161,6 +161,9 @@ def test_deepspeed_zero_matches_single_process(work, stage):
     assert (r.stdout + r.stderr).count("done: ") == 1
     cfg = resolved(work, out)
     assert "engine: deepspeed" in cfg and "world_size: 2" in cfg
+    # ZeRO-3 builds the model partitioned (deepspeed.zero.Init) and loads the folder's weights
+    # into the partitions: the comparison with the single process below checks the loading
+    assert f"model_built_partitioned: {'true' if stage == 3 else 'false'}" in cfg
     ds = json.loads((work / out / "ds_config.json").read_text())
     assert ds["zero_optimization"]["stage"] == stage and ds["bf16"]["enabled"] is False
     # clipping (the preset's max_grad_norm 1.0) happens once, in the TRAM step: metrics report it

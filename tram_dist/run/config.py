@@ -85,6 +85,8 @@ class RunConfig:
                              "within each (HSDP; e.g. nodes x GPUs per node); 1 = plain FSDP2")
     deepspeed_config: Optional[str] = opt(None, "DeepSpeed config file for the zero engines "
                                           "(configs/zero*.json; default: the stage alone)")
+    zero_init: bool = opt(True, "zero3: build the model partitioned from the start "
+                          "(deepspeed.zero.Init; from_pretrained loads into the partitions)")
     bf16: bool = opt(False, "bf16 autocast for the passes (FSDP2: bf16 compute copies)")
     batch_size: int = opt(16, "GLOBAL blocks per optimizer step")
     micro_batch_size: Optional[int] = opt(None, "blocks per device per forward (default: derived)")

@@ -42,13 +42,27 @@ def context_length(config) -> int | None:
     return None
 
 
-def build_model(name: str, config, seed: int, gradient_checkpointing: bool = False):
-    """The model, identically initialised on every rank (``seed``), fp32."""
+def build_model(name: str, config, seed: int, gradient_checkpointing: bool = False,
+                zero3_config: dict | None = None):
+    """The model, identically initialised on every rank (``seed``), fp32.
+
+    ``zero3_config`` (a resolved ZeRO-3 DeepSpeed config): built partitioned from the start
+    (``deepspeed.zero.Init``), so no rank ever holds the whole model; ``from_pretrained`` loads
+    the weights into the partitions. The returned model keeps the ``HfDeepSpeedConfig`` that
+    tells transformers so (it must live as long as the model)."""
     from transformers import AutoModelForCausalLM, GPT2LMHeadModel
 
+    hf_deepspeed = None
+    if zero3_config is not None:
+        import deepspeed
+        from transformers.integrations import HfDeepSpeedConfig
+
+        deepspeed.init_distributed()  # zero.Init reads the world size from deepspeed.comm
+        hf_deepspeed = HfDeepSpeedConfig(zero3_config)  # while alive: transformers builds under zero.Init
     torch.manual_seed(seed)
     if name == "tiny":
-        model = GPT2LMHeadModel(config)
+        model = (AutoModelForCausalLM.from_config(config, dtype=torch.float32) if hf_deepspeed
+                 else GPT2LMHeadModel(config))
     else:
         from safetensors import SafetensorError
 
@@ -58,6 +72,7 @@ def build_model(name: str, config, seed: int, gradient_checkpointing: bool = Fal
             raise ConfigError("model", f"cannot load {name!r} ({first_line(e)}); a truncated or "
                               "damaged weights file must be downloaded or copied again; offline: "
                               "pass a local model folder, or 'tiny'") from e
+    model._tram_hf_deepspeed = hf_deepspeed
     # training builds no KV cache: it is never read, costs memory, and its contiguous copies
     # of the keys and values round differently from a checkpointed block's (which has none)
     if getattr(model.config, "use_cache", None) is not None:

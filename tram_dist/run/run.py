@@ -221,7 +221,8 @@ class Run:
                                 c.eval_batch_size, d.rank, d.world_size)
         self.tests = {dom: EvalLoader(eval_blocks(self.source, cache, dom, c.eval_split, self.block_size),
                                       c.eval_batch_size, d.rank, d.world_size) for dom in self.eval_domains}
-        module = build_model(c.model, self.model_config, c.seed, c.gradient_checkpointing)
+        module = build_model(c.model, self.model_config, c.seed, c.gradient_checkpointing,
+                             zero3_config=self._zero3_config())
         try:
             self.engine_run = build_run(self.kind, module, dist=d, args=c,
                                         method_kwargs=c.method_options(), ds_config=self.ds_config)
@@ -241,6 +242,14 @@ class Run:
             self.resume(self.resume_from)
         return self
 
+    def _zero3_config(self) -> Optional[dict]:
+        """The DeepSpeed config when the model is built partitioned (ZeRO-3 with zero_init)."""
+        from ..ds_config import zero_stage
+
+        if self.kind != "deepspeed" or zero_stage(self.ds_config) != 3 or not self.config.zero_init:
+            return None
+        return self.ds_config
+
     def _write_resolved_config(self) -> None:
         import yaml
 
@@ -248,7 +257,8 @@ class Run:
                     "micro_batch_size": self.micro, "grad_accum": self.accum,
                     "eval_domains": self.eval_domains}
         derived = {"engine": self.kind, "world_size": self.dist.world_size, "source": self.source.name,
-                   "tokens_per_step": self.config.batch_size * self.block_size}
+                   "tokens_per_step": self.config.batch_size * self.block_size,
+                   "model_built_partitioned": self._zero3_config() is not None}
         text = ("# Resolved run (RunConfig fields); derived values under _derived.\n"
                 + yaml.safe_dump({**resolved, "_derived": derived}, sort_keys=False))
         (self.out / "config.yaml").write_text(text)
