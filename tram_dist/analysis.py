@@ -14,9 +14,16 @@ those sums gives every data-parallel rank the CKA of all ranks' rows.
 Epsilon-sharpness (Keskar et al. 2017; Eq. 10-11 with A = I, Appendix B.1) is
 ``100 * (max_{y in C_eps} f(theta + y) - f(theta)) / (1 + f(theta))`` with the box
 ``|y_i| <= eps (|theta_i| + 1)``, maximised by projected SGD ascent. The box is element-wise,
-so it is projected on each rank's local slice of every parameter (an FSDP2 shard is just a
-smaller box); the full parameter is never gathered. The model's parameters, gradients,
-requires_grad flags and train/eval modes are restored exactly afterwards.
+so it is projected on each rank's local slice of every parameter (an FSDP2 shard or a ZeRO
+partition is just a smaller box); the full parameter is never gathered. The model's parameters,
+gradients, requires_grad flags and train/eval modes are restored exactly afterwards.
+
+Under DeepSpeed ZeRO-1/2/3 the model is the DeepSpeed engine (a run's ``eval_model``) and the
+work goes through the library's ZeRO engine (``tram_dist.engines.deepspeed.ZeroEngine``, the
+one TRAM steps with): its ``slice_groups`` give this rank's working-precision slices, their
+fp32 masters and the reduced gradient slices, ``backward`` / ``discard_grads`` run and drop the
+ascent's gradients, ``publish`` all-gathers the written slices for the next forward, and the
+losses and token counts are summed over its data-parallel group.
 """
 from __future__ import annotations
 
@@ -288,13 +295,37 @@ def _check_sharpness_args(epsilon, lr, steps, accumulation_steps) -> None:
         raise ValueError(f"accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
 
 
-def _refuse_deepspeed(model) -> None:
-    engine = type(model).__module__.startswith("deepspeed")
-    zero3 = any(hasattr(p, "ds_id") for p in model.parameters())
-    if engine or zero3:
+def _is_deepspeed_engine(model) -> bool:
+    return type(model).__module__.startswith("deepspeed") and hasattr(model, "zero_optimization_stage")
+
+
+def _zero_engine(model, engine):
+    """The ``ZeroEngine`` that measures ``model`` under DeepSpeed ZeRO, or None for plain, DDP
+    and FSDP2 models. ``model`` is the DeepSpeed engine (or, with ``engine`` given, its module);
+    the adapter is ``engine``, else the one ``tram_dist.engines.deepspeed.initialize`` attached
+    to the ZeRO optimizer, else a new one for that optimizer."""
+    if engine is not None:
+        ds = getattr(engine, "ds", None)
+        if ds is None or not _is_deepspeed_engine(ds):
+            raise TypeError(f"engine must be the ZeroEngine of a DeepSpeed run, got {type(engine).__name__}")
+        if model is not ds and model is not ds.module:
+            raise ValueError("engine: model is neither this ZeroEngine's DeepSpeed engine nor its module")
+        return engine
+    if _is_deepspeed_engine(model):
+        if getattr(model, "optimizer", None) is None:
+            raise NotImplementedError("epsilon_sharpness needs a DeepSpeed engine with its ZeRO optimizer "
+                                      "(the ascent's gradients are reduced and sliced by it); this one has none")
+        found = getattr(model.optimizer, "tram_engine", None)
+        if found is not None:
+            return found
+        from .engines.deepspeed import ZeroEngine
+        return ZeroEngine(model)  # raises for what the ZeRO engine does not run (stage 0, offload, fp16)
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
         raise NotImplementedError(
-            "epsilon_sharpness supports plain, DDP and FSDP2 (fully_shard) models, not DeepSpeed "
-            "engines or ZeRO-3 partitioned parameters; measure a plain or FSDP2 copy of the weights")
+            "epsilon_sharpness supports plain, DDP and FSDP2 (fully_shard) models and DeepSpeed engines; "
+            "these are ZeRO-3 partitioned parameters without their engine: pass the DeepSpeed engine "
+            "(a run's eval_model), or engine=<its ZeroEngine>")
+    return None
 
 
 def _averages_grads(model) -> bool:
@@ -313,7 +344,7 @@ def _averages_grads(model) -> bool:
 
 def epsilon_sharpness(model, batches: Iterable[Mapping], epsilon: float = 1e-5, *, lr: float = 8e-5,
                       steps: Optional[int] = None, accumulation_steps: int = 4,
-                      loss_fn: Optional[Callable[[object, dict], Tensor]] = None) -> float:
+                      loss_fn: Optional[Callable[[object, dict], Tensor]] = None, engine=None) -> float:
     """Keskar et al.'s epsilon-sharpness (Eq. 10, A = I) in percent, by projected SGD ascent.
 
     f is the mean loss over ``batches``: ``loss_fn(model, inputs)`` (default
@@ -336,28 +367,49 @@ def epsilon_sharpness(model, batches: Iterable[Mapping], epsilon: float = 1e-5, 
     The model runs in eval mode (no dropout: f is deterministic). Only parameters with
     requires_grad are perturbed. Every parameter's local data, ``.grad``, requires_grad and
     every module's train/eval flag are restored bit-exactly, also on an exception.
-    Under torch.distributed each rank passes its own batches, the same number on every rank;
-    DDP and FSDP2 models are supported, DeepSpeed engines raise NotImplementedError.
+    Under torch.distributed each rank passes its own batches, the same number on every rank.
+
+    Engines: plain modules (replicated on every rank: gradients are summed here), DDP, FSDP2
+    (``fully_shard``) and DeepSpeed ZeRO-1/2/3 (fp32 or bf16). Under ZeRO, ``model`` is the
+    DeepSpeed engine (a run's ``eval_model``; every forward goes through it, also the ones
+    ``loss_fn`` is given) and ``engine`` the library's ``ZeroEngine`` for it, found on the ZeRO
+    optimizer when omitted (``tram_dist.engines.deepspeed.initialize`` attaches it); with
+    ``engine`` given, ``model`` may also be the DeepSpeed engine's module. Each rank ascends on
+    its slice of the partition (the box needs only element-wise theta), theta being the fp32
+    master and y + theta written, rounded, into the working-precision slice (bf16 or fp32),
+    which ``publish`` all-gathers for the next forward. The working slices are restored from
+    a copy and re-published, bit-exactly, and DeepSpeed's gradient buffers are emptied (the
+    state after an optimizer step); the fp32 master is never written. Measure between
+    optimizer steps: gradients of a step in progress raise RuntimeError.
     """
     _check_sharpness_args(epsilon, lr, steps, accumulation_steps)
     batches = list(batches)  # several passes, in the same order each time
     if not batches:
         raise ValueError("batches is empty: epsilon-sharpness needs at least one batch")
-    _refuse_deepspeed(model)
+    zero = _zero_engine(model, engine)
     loss_fn = loss_fn or _model_loss
     steps = steps or math.ceil(len(batches) / accumulation_steps)
-    group = _dp_group(model)
-    world = dist.get_world_size(group) if _distributed() else 1
+    if zero is not None:
+        model, group, world = zero.ds, zero.dp_group, zero.world_size
+        grad_scale = world  # ZeRO averages the reduced gradients over the data-parallel ranks
+    else:
+        group = _dp_group(model)
+        world = dist.get_world_size(group) if _distributed() else 1
+        # DDP / FSDP average gradients over ranks: scale back up to the gradient of the global sum
+        grad_scale = world if _averages_grads(model) else 1
     device = _model_device(model)
-    # DDP / FSDP average gradients over ranks: scale back up to the gradient of the global sum
-    grad_scale = world if _averages_grads(model) else 1
     prepared = [(_to(inputs, device), count) for inputs, count in _prepare(batches)]
 
     # per-batch token counts summed over ranks, one collective for the whole measurement
     counts = torch.tensor([float(c) for _, c in prepared], dtype=torch.float64, device=device)
     if world > 1:
         dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=group)
+    if zero is not None:
+        return _zero_sharpness(zero, prepared, counts, loss_fn, epsilon, lr, steps, accumulation_steps)
 
+    # FSDP2 keeps the root unit gathered after a no-grad forward (an evaluation just before):
+    # its registered parameters are then the unsharded tensors, freed by the next reshard
+    _reshard(model)
     params = list(model.parameters())
     saved_grads = [p.grad for p in params]
     saved_requires_grad = [p.requires_grad for p in params]
@@ -439,6 +491,87 @@ def _ascend(trainable: List[Tensor], backups: List[Tensor], offsets: List[Tensor
         p.grad = None
 
 
+# --- DeepSpeed ZeRO-1/2/3: through the library's ZeroEngine ----------------------------------
+def _zero_slices(zero) -> list:
+    """This rank's slices (every parameter in ZeRO's optimizer with a part here), in the
+    engine's fixed order; each call reads the current reduced gradients."""
+    return [s for group in zero.slice_groups(with_grad_only=False) for s in group.slices]
+
+
+def _zero_sharpness(zero, prepared, counts: Tensor, loss_fn, epsilon: float, lr: float, steps: int,
+                    accumulation_steps: int) -> float:
+    """``epsilon_sharpness`` on a DeepSpeed engine, on the ZeroEngine's slices (see there)."""
+    ds, group, world = zero.ds, zero.dp_group, zero.world_size
+    params = list(ds.module.parameters())
+    slices = _zero_slices(zero)
+    if any(s.grad is not None for s in slices) or any(p.grad is not None for p in params):
+        raise RuntimeError("epsilon_sharpness: the DeepSpeed engine holds the gradients of a step in progress; "
+                           "measure between optimizer steps (they would be discarded)")
+    saved_requires_grad = [p.requires_grad for p in params]
+    backups = [s.param.detach().clone() for s in slices]  # the working-precision slices, bit-exact
+    # theta: the fp32 master where it is its own tensor (never written here); else (fp32 ZeRO-3
+    # keeps one copy, the working one) the backup
+    thetas = [s.master if s.master is not None else b for s, b in zip(slices, backups)]
+    ran_backward = False
+    try:
+        with _eval_mode(ds):
+            f0 = _mean_loss(ds, prepared, counts, loss_fn, group, world)
+            offsets = [torch.zeros(t.shape, dtype=torch.promote_types(t.dtype, torch.float32), device=t.device)
+                       for t in thetas]
+            for step in range(steps):
+                chosen = [(step * accumulation_steps + j) % len(prepared) for j in range(accumulation_steps)]
+                ran_backward = True
+                grads = _zero_accumulate_grads(zero, prepared, chosen, counts, loss_fn, world, len(slices))
+                _zero_ascend(slices, thetas, offsets, grads, epsilon, lr)
+                zero.discard_grads()
+                zero.publish()
+            del offsets
+            f_max = max(_mean_loss(ds, prepared, counts, loss_fn, group, world), f0)
+    finally:
+        from . import kernels
+        with torch.no_grad():
+            kernels.restore_([s.param for s in slices], backups)
+        if ran_backward:
+            zero.discard_grads()
+        for p, requires_grad in zip(params, saved_requires_grad):
+            p.grad = None  # no gradient was held on entry (checked above)
+            p.requires_grad_(requires_grad)
+        zero.publish()
+    return 100.0 * (f_max - f0) / (1.0 + f0)
+
+
+def _zero_accumulate_grads(zero, prepared, chosen: List[int], counts: Tensor, loss_fn, world: int,
+                           n_slices: int) -> List[Optional[Tensor]]:
+    """The reduced gradient slices of the mean loss over the chosen batches of every rank:
+    ``ZeroEngine.backward`` per batch (the last one is the accumulation boundary, where ZeRO-1
+    reduces), each batch weighted by its share of the step's global tokens times the world
+    size (ZeRO averages over ranks), as ``TrainStep`` weights micro-batches."""
+    ds = zero.ds
+    step_tokens = float(counts[chosen].sum()) or 1.0  # 0: padding only, every weight is 0
+    with torch.enable_grad():
+        for j, i in enumerate(chosen):
+            inputs, count = prepared[i]
+            loss = loss_fn(ds, inputs)
+            zero.backward(ds, loss * (count * world / step_tokens), sync=j == len(chosen) - 1)
+    slices = _zero_slices(zero)
+    if len(slices) != n_slices:
+        raise RuntimeError(f"ZeroEngine listed {len(slices)} slices after backward, {n_slices} before")
+    return [s.grad for s in slices]
+
+
+@torch.no_grad()
+def _zero_ascend(slices, thetas: List[Tensor], offsets: List[Tensor], grads: List[Optional[Tensor]],
+                 epsilon: float, lr: float) -> None:
+    """y <- clip(y + lr g, box) on each slice; the working slice <- theta + y (rounded to its dtype)."""
+    for s, theta, offset, grad in zip(slices, thetas, offsets, grads):
+        if grad is None:
+            continue
+        offset.add_(grad.to(offset.dtype), alpha=lr)
+        bound = theta.abs().to(offset.dtype).add_(1.0).mul_(epsilon)
+        torch.maximum(torch.minimum(offset, bound), -bound, out=offset)
+        s.param.copy_(theta.to(offset.dtype) + offset)
+
+
 def epsilon_sharpness_by_domain(model, batches_by_domain: Mapping[str, Iterable[Mapping]],
                                 **kwargs) -> Dict[str, float]:
     """{domain: epsilon-sharpness %} with one ``epsilon_sharpness`` call per domain, in order
@@ -451,7 +584,9 @@ def table5_analysis(model, start_model, batches_by_domain: Mapping[str, Iterable
     """Table 5 for one fine-tuned model: per domain, the epsilon-sharpness (%) of ``model`` and
     the CKA of its final hidden states to ``start_model``'s (the model fine-tuning began from).
     Returns ``{"sharpness": {domain: %}, "cka": {domain: cka}}`` (what ``--analysis`` adds to
-    ``eval.json``)."""
+    ``eval.json``). ``model`` is what a run gives as ``eval_model`` under every engine (under
+    DeepSpeed ZeRO the DeepSpeed engine); ``start_model`` a plain model on every rank;
+    ``sharpness_kwargs`` go to ``epsilon_sharpness`` (``lr``, ``steps``, ..., ``engine``)."""
     batches = {name: list(b) for name, b in batches_by_domain.items()}
     return {"sharpness": epsilon_sharpness_by_domain(model, batches, epsilon=epsilon, **sharpness_kwargs),
             "cka": representation_similarity_by_domain(start_model, model, batches)}

@@ -144,6 +144,9 @@ class TrainStep:
                  scaler=None, max_grad_norm: Optional[float] = None, seed: int = 0,
                  engine: Optional[Engine] = None, causal: Optional[bool] = None,
                  target_dropout: str = "shared", divergence_fraction: float = 1.0):
+        from .integrations.accelerate import unwrap_optimizer
+
+        optimizer = unwrap_optimizer(optimizer)  # accelerate's wrapper: this step steps what is inside
         self.model = model
         self.optimizer = optimizer
         self.perturbed = isinstance(optimizer, PerturbedOptimizer)

@@ -52,8 +52,6 @@ def m2d2(root, splits=("train", "valid", "test")):
     (["--method", "sam", "--method-arg", "rho=-1", "--max-steps", "0"], "method_args: sam: SAM: rho must be"),
     (["--model", "/nonexistent/model"], "cannot load"),
     (["--dropout", "1.5"], "dropout: 1.5 must be in [0, 1)"),
-    (["--deepspeed", str(ROOT / "configs" / "zero2.json"), "--analysis"],
-     "analysis: epsilon-sharpness runs on single, ddp and fsdp2 runs, not under DeepSpeed"),
     (["--method", "sam", "--method-arg", "radius_scale=10", "--max-steps", "0"],
      "radius_scale sizes TRAM's ascent"),
     (["--method", "tram-x", "--method-arg", "radius_scale=-1", "--max-steps", "0"],

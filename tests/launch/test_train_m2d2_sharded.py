@@ -156,7 +156,8 @@ def test_fsdp2_matches_single_process_and_resumes_exactly(work):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_zero_matches_single_process(work, stage):
     out = f"zero{stage}"
-    extra = ["--save-interval", "2"] if stage == 3 else []
+    # ZeRO-3: a checkpoint to resume; ZeRO-2: the Table 5 analysis under DeepSpeed
+    extra = ["--save-interval", "2"] if stage == 3 else ["--analysis"]
     r = launch(deepspeed(), work, out, "--deepspeed", str(ROOT / "configs" / f"zero{stage}.json"), *extra)
     assert (r.stdout + r.stderr).count("done: ") == 1
     cfg = resolved(work, out)
@@ -172,6 +173,9 @@ def test_deepspeed_zero_matches_single_process(work, stage):
     assert all(m["clip_norm"] is not None for m in rows) and max(m["clip_norm"] for m in rows) > 1.0
     assert [m["lr"] for m in rows] == pytest.approx(LRS, rel=1e-3, abs=1e-9)
     assert assert_matches(work, out) < RTOL
+    if stage == 2:
+        analysis = json.loads((work / out / "eval.json").read_text())["analysis"]
+        assert analysis["sharpness"]["math"] > 0 and 0.9 < analysis["cka"]["math"] <= 1 + 1e-6, analysis
     if stage == 3:  # resume the ZeRO-3 run at step 2 (DeepSpeed folder + per-rank TRAM files)
         ckpt = work / out / "checkpoint-00000002"
         assert (ckpt / "zero" / "tram_rank00001.pt").is_file()
