@@ -69,7 +69,7 @@ def test_bad_preset_values_name_the_field(tmp_path, text, field, words):
     ({"deepspeed_config": "/nonexistent.json"}, "deepspeed_config"),
     ({"hub": True, "data_dir": "x"}, "hub"), ({"eval_domains": ["a", "a"]}, "eval_domains"),
     ({"target_dropout": "some"}, "target_dropout"), ({"eval_split": "train"}, "eval_split"),
-    ({"hsdp_replicas": 2}, "hsdp_replicas"), ({"engine": "fsdp2", "hsdp_replicas": 0}, "hsdp_replicas"),
+    ({"hsdp_replicas": 2}, "hsdp_replicas"), ({"engine": "fsdp2", "hsdp_replicas": 2, "analysis": True}, "analysis"), ({"engine": "fsdp2", "hsdp_replicas": 0}, "hsdp_replicas"),
 ])
 def test_validate_names_the_field(changes, field, monkeypatch):
     monkeypatch.chdir(ROOT)

@@ -220,8 +220,8 @@ class PerturbedOptimizer(Optimizer):
 
         # The one collective TRAM adds: sharded norm partials and/or a per-rank divergence.
         packed = []
-        if engine.grads_sharded:
-            packed.append(sums.reshape(-1))
+        if engine.grads_sharded:  # zeros on replicas of another rank's shards (HSDP): counted once
+            packed.append(engine.param_partial(sums).reshape(-1))
         partial_d = isinstance(divergence, Partial)
         if partial_d:
             packed.append(torch.as_tensor(divergence.value, dtype=torch.float32, device=device).reshape(1))

@@ -578,10 +578,11 @@ class TrainStep:
         ascent = ascent or {}
         device = loss_sum.device
         applied = ascent.get("applied_sq")
-        if applied is not None and not self.engine.grads_sharded and self.engine.world_size > 1:
-            # replicated parameters: every rank wrote the same eps; count it once
-            rank = dist.get_rank(self.engine.dp_group)
-            applied = applied if rank == 0 else torch.zeros_like(applied)
+        if applied is not None:
+            # parameter-shaped: ranks holding a replica of another's slices (DDP: all but rank 0,
+            # HSDP: all but the first replica group) add zeros, so the sum over dp_group counts
+            # each element once; the losses beside it are per-sample and count on every rank
+            applied = self.engine.param_partial(applied)
         zero = torch.zeros((), dtype=torch.float32, device=device)
         partials = torch.stack([loss_sum.float().reshape(()),
                                 (loss2_sum if loss2_sum is not None else zero).float().reshape(()).to(device),

@@ -57,8 +57,26 @@ def with_and_without(rank: int, world: int, jobs: Iterable[Tuple[str, str]], ste
                 checkpointed = all(b.gradient_checkpointing for b in run.inner.transformer.h)
                 m = run.step(run.micro_batches(0))
                 dropout[(engine, method, mode)] = {"kl": _kl_of(m), "checkpointed": checkpointed}
+                if mode == "shared" and method == "tram-theta-prev":
+                    dropout[(engine, "modes")] = _train_and_eval_modes(run)
                 del run
     return {"runs": runs, "dropout": dropout}
+
+
+def _train_and_eval_modes(run) -> Dict:
+    """Issue 8 under an engine: evaluation runs in eval mode (dropout 0.1 off: two evaluations
+    agree bit for bit) and hands the model back in train mode; a step given a model in eval
+    mode puts it in train mode."""
+    from tram_dist.evaluate import evaluate_loss
+
+    model = run.run.eval_model  # what the library's Run evaluates: DDP's module, FSDP2, ds_engine
+    batches = [{k: v for k, v in mb.items() if k != "sample_index"} for mb in run.micro_batches(5)]
+    first, second = evaluate_loss(model, batches), evaluate_loss(model, batches)
+    back_in_train = run.inner.training
+    run.inner.eval()  # arrives in eval mode, as a from_pretrained model does
+    m = run.step(run.micro_batches(1))
+    return {"eval_equal": first.loss_sum == second.loss_sum, "back_in_train": back_in_train,
+            "trained_in_train": run.inner.training, "step_loss": m.loss}
 
 
 # ------------------------------------------------------------------------------------------

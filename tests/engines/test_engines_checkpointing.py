@@ -194,3 +194,12 @@ def test_activation_memory_saved_gpt2_small(batch, seq):
     assert on["after_forward"] < off["after_forward"]
     if seq >= 1024:  # the activations (12 x 12 x 1024^2 attention scores alone) set the peak
         assert on["peak"] < off["peak"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_evaluation_in_eval_mode_training_in_train_mode_under_engine(world2, engine):
+    """Issue 8: with dropout 0.1, evaluation under the engine is deterministic (eval mode) and
+    gives the model back in train mode; a model handed to the step in eval mode trains in
+    train mode."""
+    modes = world2["dropout"][(engine, "modes")]
+    assert modes["eval_equal"] and modes["back_in_train"] and modes["trained_in_train"], modes

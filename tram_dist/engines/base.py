@@ -55,7 +55,8 @@ class Engine:
     needs_backup: bool = True
     #: True where each rank holds only part of the gradient, so norm partials are summed.
     grads_sharded: bool = False
-    #: The data-parallel process group (None: the default group when initialised).
+    #: The data-parallel process group: every rank that sees its own data (None: the default
+    #: group when initialised). Per-sample sums (d, token counts, losses) run over it.
     dp_group = None
     #: The optimizer whose ``state`` holds the per-slice buffers (set by ``bind``).
     optimizer = None
@@ -96,6 +97,22 @@ class Engine:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.dp_group)
         return tensor
 
+    @property
+    def counts_param_sums(self) -> bool:
+        """True where this rank's parameter-shaped partial sums (a norm's squares) count in a sum
+        over ``dp_group``. Ranks holding a copy of slices another rank also holds (DDP: whole
+        parameters everywhere; HSDP: the other replica groups) contribute zeros instead, so one
+        all-reduce over every data-parallel rank counts each element once and per-sample partials
+        can share it. Sharded engines (FSDP2 1-D, ZeRO): every rank; DDP: rank 0."""
+        if self.grads_sharded or self.world_size == 1:
+            return True
+        return dist.get_rank(self.dp_group) == 0
+
+    def param_partial(self, tensor: Tensor) -> Tensor:
+        """``tensor`` (this rank's parameter-shaped partial sum) as its term of a sum over
+        ``dp_group``: itself, or zeros where ``counts_param_sums`` is False."""
+        return tensor if self.counts_param_sums else torch.zeros_like(tensor)
+
     # --- the passes ---------------------------------------------------------------------------
     def backward(self, model, loss: Tensor, *, sync: bool = True) -> None:
         """Backward for one micro-batch; ``sync=False`` defers the gradient reduction."""
@@ -115,7 +132,8 @@ class Engine:
             total = torch.zeros(1, dtype=torch.float32, device=device)
             for g in grads:
                 total += g.float().pow(2).sum()
-            norm = self.all_reduce_sum_(total).sqrt().reshape(())
+            # replicated shards (HSDP) are counted once: see counts_param_sums
+            norm = self.all_reduce_sum_(self.param_partial(total)).sqrt().reshape(())
             coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
             for g in grads:
                 g.mul_(coef.to(g.dtype))

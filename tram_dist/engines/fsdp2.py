@@ -15,6 +15,12 @@ the gradients are DTensors with the same sharding (reduce-scattered, averaged ov
   or bound by ``TrainStep``).
 * Every micro-batch is reduce-scattered (``sync`` is ignored): FSDP2's no-sync mode keeps
   whole unsharded gradients on every rank, which is what sharding is meant to avoid.
+* HSDP (a 2-D (replicate, shard) mesh, placements (Replicate(), Shard(0))): gradients are
+  reduce-scattered within a replica group and all-reduced across replicas, so the replicas
+  hold identical shards while every rank sees its own data. ``dp_group`` is then every rank of
+  the mesh (per-sample sums: d, token counts, losses), and only the first replica group counts
+  its parameter-shaped partials (``counts_param_sums``): the one all-reduce over all ranks
+  then sums each shard once, exactly (adding zeros rounds nothing, unlike dividing by R).
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import warnings
 from typing import List, Optional
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from .base import Engine, Slice, SliceGroup
@@ -45,27 +52,66 @@ class FSDP2Engine(Engine):
         if self.model is None:
             self.model = model
 
-    # --- the data-parallel group: the (one) mesh dimension the parameters are sharded on ------
+    # --- the data-parallel group: every rank of the mesh the parameters live on ---------------
+    def _mesh(self):
+        """(device mesh, placements) of the first DTensor parameter; None before there is one.
+        Accepts plain FSDP2 (1-D, Shard(0)) and HSDP (2-D, (Replicate(), Shard(0)))."""
+        if self.optimizer is None:
+            return None
+        from torch.distributed.tensor import Replicate, Shard
+
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                mesh = getattr(p, "device_mesh", None)
+                if mesh is None:
+                    continue
+                placements = tuple(p.placements)
+                hsdp = (mesh.ndim == 2 and type(placements[0]) is Replicate
+                        and type(placements[1]) is Shard)
+                if mesh.ndim != 1 and not hsdp:
+                    raise NotImplementedError(
+                        f"FSDP2Engine supports a 1-D mesh (fully_shard) and HSDP's 2-D (replicate, shard) "
+                        f"mesh; got placements {placements} on {mesh} (FSDP + TP: the tensor-parallel "
+                        f"ranks see the same data, so d and the norm would need other groups)")
+                return mesh, placements
+        return None
+
     @property
     def dp_group(self):
-        if self._group is None and self.optimizer is not None:
-            for group in self.optimizer.param_groups:
-                for p in group["params"]:
-                    mesh = getattr(p, "device_mesh", None)
-                    if mesh is None:
-                        continue
-                    if mesh.ndim != 1:
-                        raise NotImplementedError(
-                            f"FSDP2Engine supports a 1-D device mesh (plain fully_shard); got a {mesh.ndim}-D "
-                            f"mesh {mesh}: HSDP / FSDP+TP would sum the norm over the shard dimension "
-                            f"and the divergence over every data-parallel rank")
+        if self._group is None:
+            found = self._mesh()
+            if found is not None:
+                mesh = found[0]
+                if mesh.ndim == 1:
                     self._group = mesh.get_group()
-                    return self._group
+                else:
+                    # HSDP: every rank of the mesh sees different data, so per-sample sums run over
+                    # all of them (the replicas' double count of parameter sums is undone by
+                    # counts_param_sums). The group of all mesh ranks is WORLD when the mesh is.
+                    if mesh.size() != dist.get_world_size():
+                        raise NotImplementedError(
+                            f"FSDP2Engine: HSDP on a mesh of {mesh.size()} of {dist.get_world_size()} ranks; "
+                            f"set engine.dp_group to a process group of the mesh's ranks")
+                    self._group = dist.group.WORLD
         return self._group
 
     @dp_group.setter
     def dp_group(self, value):
         self._group = value
+
+    @property
+    def counts_param_sums(self) -> bool:
+        # The ranks at coordinate 0 on every Replicate mesh dimension count their parameter-shaped
+        # partials; the other replicas hold the same shards and add zeros (a sum over all ranks
+        # would count each shard R times). Plain FSDP2 (Shard(0) only): every rank counts.
+        from torch.distributed.tensor import Replicate
+
+        found = self._mesh()
+        if found is None:
+            return True
+        mesh, placements = found
+        coordinate = mesh.get_coordinate()
+        return all(coordinate[i] == 0 for i, pl in enumerate(placements) if isinstance(pl, Replicate))
 
     # --- what TRAM reads and writes ------------------------------------------------------------
     @torch.no_grad()

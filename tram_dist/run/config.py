@@ -213,6 +213,9 @@ class RunConfig:
         if self.hsdp_replicas > 1 and self.engine != "fsdp2":
             raise ConfigError("hsdp_replicas", f"{self.hsdp_replicas} needs engine fsdp2 (HSDP is "
                               "FSDP2 on a (replicate, shard) mesh), not {self.engine!r}")
+        if self.analysis and self.hsdp_replicas > 1:
+            raise ConfigError("analysis", "epsilon-sharpness is not available under HSDP "
+                              "(hsdp_replicas > 1) yet; drop analysis or hsdp_replicas")
         if self.data_dir and self.hub:
             raise ConfigError("hub", "and data_dir both given; pick one data source")
         if self.eval_domains is not None and len(set(self.eval_domains)) != len(self.eval_domains):
