@@ -31,7 +31,7 @@ def test_every_field_is_documented_and_has_a_launcher_flag():
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
 def test_presets_load_and_validate(preset):
-    config = RunConfig.from_yaml(preset, max_steps=3)
+    config = RunConfig.from_yaml(preset, max_steps=3, warmup_steps=1)
     assert config.validate() is config and config.max_steps == 3
 
 
@@ -62,7 +62,7 @@ def test_bad_preset_values_name_the_field(tmp_path, text, field, words):
 @pytest.mark.parametrize("changes, field", [
     ({"lr": 0.0}, "lr"), ({"lr": float("inf")}, "lr"), ({"max_steps": -1}, "max_steps"),
     ({"max_grad_norm": 0.0}, "max_grad_norm"), ({"method": "tram-x", "sigma": 0.0}, "sigma"),
-    ({"eval_batch_size": 0}, "eval_batch_size"), ({"divergence_fraction": 0.0}, "divergence_fraction"),
+    ({"eval_batch_size": 0}, "eval_batch_size"), ({"max_steps": 20, "warmup_steps": 20}, "warmup_steps"), ({"divergence_fraction": 0.0}, "divergence_fraction"),
     ({"dropout": 1.0}, "dropout"), ({"method_args": {"rh0": 1}}, "method_args"),
     ({"engine": "fsdp"}, "engine"), ({"engine": "fsdp2", "deepspeed_config": "configs/zero2.json"},
                                      "deepspeed_config"),

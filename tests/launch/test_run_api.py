@@ -18,7 +18,7 @@ sys.modules["train_m2d2_api"] = train_m2d2
 spec.loader.exec_module(train_m2d2)
 
 real_find_spec = importlib.util.find_spec
-SMALL = dict(max_steps=3, batch_size=2, block_size=32, eval_domains=["math", "cs"], method="tram-x",
+SMALL = dict(max_steps=3, warmup_steps=1, batch_size=2, block_size=32, eval_domains=["math", "cs"], method="tram-x",
              eval_interval=0, save_interval=0, eval_batch_size=4)
 
 
@@ -121,7 +121,7 @@ def test_report_to_tensorboard_and_wandb(tmp_path, monkeypatch):
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
     metrics = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([m["loss"] for m in metrics])
-    assert calls[0][0] == "init" and calls[-1] == "finish"
+    assert calls[0][0] == "init" and calls[0][1]["mode"] == "offline" and calls[-1] == "finish"
     assert [c[0] for c in calls[1:-1]] == [1, 2, 2] and "train/eps_applied" in calls[1][1]
 
 

@@ -181,6 +181,9 @@ class RunConfig:
         for name in ("max_steps", "warmup_steps", "eval_interval", "save_interval", "keep_checkpoints"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"{getattr(self, name)} must be >= 0")
+        if self.max_steps and self.warmup_steps >= self.max_steps:
+            raise ConfigError("warmup_steps", f"{self.warmup_steps} must be below max_steps "
+                              f"{self.max_steps} (the schedule decays after the warmup)")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError("lr", f"{self.lr} must be a finite number > 0")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:

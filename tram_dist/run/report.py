@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 from pathlib import Path
 
 from .config import ConfigError
@@ -43,7 +44,10 @@ class Reporter:
             else:
                 import wandb
 
-                run = wandb.init(name=run_name, dir=str(out), config=config, resume="allow")
+                # offline unless WANDB_MODE says otherwise: a run never waits on the network;
+                # `wandb sync output_dir/wandb/offline-run-*` uploads it later
+                run = wandb.init(name=run_name, dir=str(out), config=config, resume="allow",
+                                 mode=os.environ.get("WANDB_MODE", "offline"))
                 self.writers.append(_WandB(run))
 
     def log(self, prefix: str, record: dict, step: int) -> None:
