@@ -18,7 +18,7 @@ pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
 pip install -q "$TORCH_SPEC"
 pip install -q setuptools wheel packaging ninja
 pip install -q --no-build-isolation "deepspeed>=0.15"
-pip install -q --no-build-isolation -e ".[dev,plot,tensorboard]"
+pip install -q --no-build-isolation -e ".[dev,plot,tensorboard,trainer]"
 
 # Guard: the set-up must never have swapped in a different torch build.
 "$VENV/bin/python" - "$TORCH_SPEC" <<'PY'

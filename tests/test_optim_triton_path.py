@@ -11,7 +11,10 @@ HERE = os.path.dirname(__file__)
 def test_optimizer_suite_passes_with_triton_kernels():
     pytest.importorskip("triton")
     env = {**os.environ, "TRAM_KERNELS": "triton", "TRITON_INTERPRET": "1"}
-    files = ["test_optim_formulas.py", "test_optim_api.py", "test_trust_region.py", "test_step.py"]
+    # the optimizer-level suites: every kernel call site (perturb, restore, swap-in, sums of
+    # squares) runs under them; test_step.py drives the same optimizer calls through TrainStep
+    # and is left out for the suite's time budget (~100 s interpreted)
+    files = ["test_optim_formulas.py", "test_optim_api.py", "test_trust_region.py"]
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                           *[os.path.join(HERE, f) for f in files]],
                          cwd=os.path.dirname(HERE), env=env, capture_output=True, text=True)

@@ -136,6 +136,7 @@ class Run:
         self.block_size = block
         self.micro, self.accum = batch_layout(c.batch_size, d.world_size, c.micro_batch_size, c.grad_accum)
         self.ds_config = self._deepspeed_config() if self.kind == "deepspeed" else None
+        self._zero3_config()  # checks what building the model partitioned needs, before any data work
 
     def _deepspeed_config(self) -> dict:
         import importlib.util
@@ -248,6 +249,12 @@ class Run:
 
         if self.kind != "deepspeed" or zero_stage(self.ds_config) != 3 or not self.config.zero_init:
             return None
+        import importlib.util
+
+        if importlib.util.find_spec("accelerate") is None:  # transformers' HfDeepSpeedConfig needs it
+            raise ConfigError("zero_init", "building the model partitioned needs accelerate "
+                              "(transformers' zero.Init path): pip install 'accelerate>=1.1', or set "
+                              "zero_init false (--no-zero-init)")
         return self.ds_config
 
     def _write_resolved_config(self) -> None:
