@@ -36,7 +36,8 @@ setup(
     # DeepSpeed must be installed with --no-build-isolation after torch (its build imports torch).
     # accelerate: what transformers.Trainer and `accelerate launch` need (tram_dist itself does
     # not import it); matplotlib: the comparison's plot (launch/compare.py).
-    extras_require={"deepspeed": ["deepspeed>=0.15", "accelerate>=1.1"],  # accelerate: transformers' zero.Init path "trainer": ["accelerate>=1.1"],
+    # accelerate in the deepspeed extra: transformers' zero.Init path (ZeRO-3 builds) needs it
+    extras_require={"deepspeed": ["deepspeed>=0.15", "accelerate>=1.1"], "trainer": ["accelerate>=1.1"],
                     "plot": ["matplotlib"],
                     "tensorboard": ["tensorboard"], "wandb": ["wandb"], "dev": ["pytest>=8", "pytest-timeout"]},
 )
