@@ -2,6 +2,7 @@
 import importlib.machinery
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -133,3 +134,21 @@ def test_report_to_a_missing_package_is_refused_before_any_work(tmp_path, monkey
     with pytest.raises(ConfigError, match=r"report_to: wandb needs the wandb package: pip install wandb"):
         Run(RunConfig(output_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "c"), report_to=["wandb"]))
     assert not (tmp_path / "out").exists() and not (tmp_path / "c").exists()
+
+
+def test_a_process_group_of_one_gives_the_environment_back(tmp_path, monkeypatch):
+    """A sharded engine in a plain ``python`` start makes a process group of one and sets
+    LOCAL_RANK for deepspeed. Left behind, it made a later Trainer in the same process (the
+    README's snippets) take the process for a torchrun start and fail on MASTER_ADDR."""
+    from tram_dist.run.distributed import init_distributed, shutdown
+    for key in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    before = dict(os.environ)
+    assert init_distributed(sharded=True).world_size == 1
+    assert os.environ["LOCAL_RANK"] == "0"
+    shutdown()
+    changed = {k for k in set(os.environ) | set(before) if os.environ.get(k) != before.get(k)}
+    assert not changed & {"LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    transformers = pytest.importorskip("transformers")
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[])
+    assert args.world_size == 1

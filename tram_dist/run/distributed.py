@@ -10,6 +10,11 @@ import torch
 import torch.distributed as dist
 
 
+# Variables init_distributed put into this process's environment; shutdown() takes them out, so a
+# later Trainer / accelerate in the same process does not take LOCAL_RANK for a torchrun start.
+_ENV_SET_HERE: list[str] = []
+
+
 @dataclass
 class Dist:
     """This process's place in the run: rank, world size, local rank and device."""
@@ -40,7 +45,9 @@ def init_distributed(sharded: bool = False) -> Dist:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 kwargs = dict(init_method=f"tcp://127.0.0.1:{s.getsockname()[1]}", rank=0, world_size=1)
-            os.environ.setdefault("LOCAL_RANK", "0")  # deepspeed.initialize asserts it
+            if "LOCAL_RANK" not in os.environ:  # deepspeed.initialize asserts it
+                os.environ["LOCAL_RANK"] = "0"
+                _ENV_SET_HERE.append("LOCAL_RANK")
         # Long timeout: rank 0 tokenizes a domain once (1B tokens: tens of minutes) while the
         # other ranks wait in a collective.
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=2), **kwargs)
@@ -55,9 +62,12 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
-    """End the process group, if one was started (a launcher's last call)."""
+    """End the process group, if one was started (a launcher's last call), and take back the
+    environment variables init_distributed set."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    while _ENV_SET_HERE:
+        os.environ.pop(_ENV_SET_HERE.pop(), None)
 
 
 def from_rank0(value):
