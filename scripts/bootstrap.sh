@@ -20,6 +20,16 @@ pip install -q setuptools wheel packaging ninja
 pip install -q --no-build-isolation "deepspeed>=0.15"
 pip install -q --no-build-isolation -e ".[dev,plot,tensorboard,trainer]"
 
+# Without a GPU DeepSpeed runs on its CPU accelerator, which JIT-compiles its shared-memory
+# collective op (shm_comm, about a minute) the first time a process group starts: compile it
+# here, once (cached under ~/.cache/torch_extensions), not inside the first DeepSpeed run.
+DS_ACCELERATOR=cpu "$VENV/bin/python" - <<'PY' || echo "bootstrap: DeepSpeed's CPU shm op was not prebuilt; the first DeepSpeed run on CPU compiles it"
+import torch
+if not torch.cuda.is_available():
+    from deepspeed.comm.torch import build_shm_op
+    build_shm_op()
+PY
+
 # Guard: the set-up must never have swapped in a different torch build.
 "$VENV/bin/python" - "$TORCH_SPEC" <<'PY'
 import sys, torch

@@ -285,3 +285,75 @@ def test_released_code_methods_bad_arguments():
         build_method("tram-x", model, lr=1e-3, logit_scale=10.0)
     with pytest.raises(ValueError, match="sized by logit_scale, not radius_scale"):
         build_method("tram-released-x", model, lr=1e-3, radius_scale=10.0)
+
+
+class NaNOnGradForward(torch.nn.Module):
+    """Wraps a model; the grad-enabled forward numbered ``bad`` (1: pass 1, 2: pass 2 with one
+    micro-batch) gets a NaN loss (``what="loss"``) or an infinite gradient in one weight with a
+    finite loss (``what="grad"``). No-grad target forwards are not counted."""
+
+    def __init__(self, model, bad, what):
+        super().__init__()
+        self.model, self.bad, self.what, self.calls, self.armed = model, bad, what, 0, False
+        weight = model.transformer.h[0].mlp.c_fc.weight
+        weight.register_hook(lambda g: self._grad_hook(g))
+
+    def _grad_hook(self, g):
+        if self.armed:
+            self.armed = False
+            return g * float("inf")
+        return g
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def forward(self, **kw):
+        out = self.model(**kw)
+        if torch.is_grad_enabled():
+            self.calls += 1
+            if self.calls == self.bad:
+                if self.what == "loss":
+                    out.loss = out.loss * float("nan")
+                else:
+                    self.armed = True
+        return out
+
+
+SKIP_CASES = [("adamw", 1, "loss"), ("adamw", 1, "grad"), ("sam", 2, "loss"), ("sam", 2, "grad"),
+              ("tram-theta-prev", 1, "loss"), ("tram-theta-prev", 2, "grad"), ("trpo", 1, "grad"),
+              ("asam+trpo", 2, "loss")]
+
+
+@pytest.mark.parametrize("method,bad,what", SKIP_CASES)
+def test_skip_nonfinite_skips_the_step_with_theta_restored_and_counts_it(method, bad, what):
+    model = tiny_gpt2()
+    wrapped = NaNOnGradForward(model, bad=-1, what=what)
+    opt, tr = build_method(method, model, lr=1e-2)
+    step = TrainStep(wrapped, opt, trust_region=tr, skip_nonfinite=True)
+    assert not step(lm_batch(seed=0)).step_skipped  # AdamW has state from here on
+    theta = params_of(model)
+    base = getattr(opt, "base", opt)
+    moments = {k: v.clone() for st in base.state.values() for k, v in st.items() if torch.is_tensor(v)}
+    wrapped.calls, wrapped.bad = 0, bad
+    m = step(lm_batch(seed=1))
+    assert m.step_skipped and step.skipped_steps == 1
+    assert all(torch.equal(p, theta[n]) for n, p in model.named_parameters())  # bit for bit
+    assert all(p.grad is None for p in model.parameters())
+    now = {k: v for st in base.state.values() for k, v in st.items() if torch.is_tensor(v)}
+    assert now.keys() == moments.keys() and all(torch.equal(now[k], moments[k]) for k in now)
+    wrapped.bad = -1
+    m = step(lm_batch(seed=2))  # the run goes on
+    assert not m.step_skipped and step.skipped_steps == 1 and math.isfinite(m.loss)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert any(not torch.equal(p, theta[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("what", ["loss", "grad"])
+def test_without_skip_nonfinite_the_same_step_writes_nan(what):
+    """The control: what skip_nonfinite prevents (the run then stops on its NaN check)."""
+    model = tiny_gpt2()
+    opt, tr = build_method("sam", model, lr=1e-2)
+    step = TrainStep(NaNOnGradForward(model, bad=2, what=what), opt, trust_region=tr)
+    m = step(lm_batch())
+    assert not m.step_skipped
+    assert any(not torch.isfinite(p).all() for p in model.parameters())

@@ -326,3 +326,54 @@ def resolve_autos(config: dict, *, world_size: int, optimizer_defaults: dict | N
 def zero_stage(cfg: dict) -> int:
     """The ZeRO stage of a (resolved) config; 0 when it has no zero_optimization section."""
     return int(cfg.get("zero_optimization", {}).get("stage", 0))
+
+
+# What the TRAM ZeRO engine (tram_dist.engines.deepspeed) runs beyond plain ZeRO-1/2/3 in fp32 or
+# bf16; the errors for what it does not run name it.
+OFFLOAD_WORKS = ('what works: zero_optimization.offload_optimizer.device "cpu" under ZeRO-1/2/3 and '
+                 'offload_param.device "cpu" under ZeRO-3 (configs/zero3_offload.json)')
+FP16_ZERO3_ERROR = ("fp16 with ZeRO-3 is not supported by the TRAM ZeRO engine: its fp16 path (DeepSpeed's "
+                    "overflow check after pass 1, pass 1's gradients unscaled for the ascent) is written for "
+                    "ZeRO-1/2's partition gradients, not ZeRO-3's flat gradient buffer; use fp16 with ZeRO "
+                    "stage 1 or 2, or bf16 (--bf16) with ZeRO-3")
+
+
+def _offload_device(zero: dict, key: str) -> str:
+    device = (zero.get(key) or {}).get("device", "none")
+    return "none" if device is None else str(device)
+
+
+def offloads_optimizer(cfg: dict) -> bool:
+    """Whether the config offloads the optimizer (its fp32 master and state) to the CPU or NVMe."""
+    return _offload_device(cfg.get("zero_optimization") or {}, "offload_optimizer") != "none"
+
+
+def zero_support_error(cfg: dict, source: str = "DeepSpeed config", *, ds_cpu_optimizer: bool = False) -> str | None:
+    """One line naming what the TRAM ZeRO engine cannot run in this (resolved) config, or None.
+
+    Supported: ZeRO-1/2/3 in fp32 or bf16; optimizer offload to the CPU (the fp32 master, its
+    gradient and the base optimizer's state in host memory) under every stage; parameter
+    offload to the CPU under ZeRO-3; fp16 with DeepSpeed's dynamic (or static) loss scaling
+    under ZeRO-1/2. ``ds_cpu_optimizer``: the client optimizer is DeepSpeed's own CPU optimizer
+    (``DeepSpeedCPUAdam``), which ``zero_force_ds_cpu_optimizer`` allows."""
+    stage = zero_stage(cfg)
+    zero = cfg.get("zero_optimization") or {}
+    optimizer_device = _offload_device(zero, "offload_optimizer")
+    param_device = _offload_device(zero, "offload_param")
+    if optimizer_device not in ("none", "cpu"):
+        return (f"{source}: zero_optimization.offload_optimizer.device is {optimizer_device!r}; the TRAM ZeRO "
+                f"engine reads the fp32 master every step and offloads it to host memory only; {OFFLOAD_WORKS}")
+    if param_device not in ("none", "cpu"):
+        return (f"{source}: zero_optimization.offload_param.device is {param_device!r}; the TRAM ZeRO engine "
+                f"writes the working partitions every step and offloads them to host memory only; "
+                f"{OFFLOAD_WORKS}")
+    if param_device == "cpu" and stage != 3:
+        return (f"{source}: zero_optimization.offload_param needs ZeRO stage 3 (the stage is {stage}); "
+                f"{OFFLOAD_WORKS}")
+    if optimizer_device == "cpu" and cfg.get("zero_force_ds_cpu_optimizer") is True and not ds_cpu_optimizer:
+        return (f"{source}: zero_force_ds_cpu_optimizer is true, but tram_dist steps a torch AdamW client "
+                "optimizer (wrapped by TRAM) on the offloaded fp32 master, which DeepSpeed then refuses; "
+                "set zero_force_ds_cpu_optimizer to false")
+    if (cfg.get("fp16") or {}).get("enabled") is True and stage == 3:
+        return f"{source}: {FP16_ZERO3_ERROR}"
+    return None

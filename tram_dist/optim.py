@@ -364,26 +364,33 @@ class PerturbedOptimizer(Optimizer):
         self._phase = "idle"
 
     def second_step(self, zero_grad: bool = True, *, scaler=None,
-                    max_grad_norm: Optional[float] = None) -> Optional[Tensor]:
+                    max_grad_norm: Optional[float] = None, skip_update: bool = False) -> Optional[Tensor]:
         """Restore theta bit-exactly and step the base optimizer on the pass-2 gradients.
 
         ``scaler``: a ``torch.amp.GradScaler`` whose scaled pass-2 gradients are unscaled here
         (the caller calls ``scaler.update()``). ``max_grad_norm``: clip the pass-2 gradients.
-        Returns the pass-2 gradient norm when clipping.
+        Returns the pass-2 gradient norm when clipping. ``skip_update``: restore theta and drop
+        the gradients without an update (a step with a non-finite loss or gradient); the step
+        counts and the trust-region bookkeeping run as after an fp16-overflow skip.
         """
         allowed = ("perturbed", "ascent_skipped") if self.has_ascent else ("idle",)
         if self._phase not in allowed:
             raise RuntimeError(f"second_step called while {self._phase}: call first_step first")
         with torch.no_grad():
-            if self._phase == "perturbed" and self.engine.needs_backup:
+            # engines without a backup restore in their base step (DeepSpeed copies the master
+            # back); without that step the master is written back here
+            if self._phase == "perturbed" and (self.engine.needs_backup or skip_update):
                 self._restore_groups(self._touched)
             self._touched = []
         total_norm = None
-        if scaler is not None:
-            scaler.unscale_(self.base)
-        if max_grad_norm is not None:
-            total_norm = self.engine.clip_grad_norm_(max_norm=max_grad_norm)
-        self.engine.base_step(scaler=scaler)
+        if skip_update:
+            self.engine.discard_grads()
+        else:
+            if scaler is not None:
+                scaler.unscale_(self.base)
+            if max_grad_norm is not None:
+                total_norm = self.engine.clip_grad_norm_(max_norm=max_grad_norm)
+            self.engine.base_step(scaler=scaler)
         with torch.no_grad():
             if self.trust_region is not None:
                 for group in self.engine.slice_groups(with_grad_only=False):

@@ -77,7 +77,8 @@ def _step_options(args, divergence, overrides=None) -> dict:
     caller's own, e.g. a test's)."""
     out = dict(divergence=divergence, autocast_dtype=_autocast(args), max_grad_norm=args.max_grad_norm,
                seed=args.seed, target_dropout=getattr(args, "target_dropout", "shared"),
-               divergence_fraction=getattr(args, "divergence_fraction", 1.0))
+               divergence_fraction=getattr(args, "divergence_fraction", 1.0),
+               skip_nonfinite=getattr(args, "nonfinite", "stop") == "skip")
     out.update(overrides or {})
     return out
 
@@ -183,8 +184,8 @@ def transformer_blocks(module) -> list:
     if not blocks and hasattr(getattr(module, "transformer", None), "h"):
         blocks = list(module.transformer.h)
     if not blocks:
-        raise RunError(f"--fsdp: cannot find the transformer blocks of {type(module).__name__} "
-                         "(no _no_split_modules); shard it by hand or run with DDP / --deepspeed")
+        raise RunError(f"engine fsdp2: cannot find the transformer blocks of {type(module).__name__} "
+                         "(no _no_split_modules); shard it by hand or run with ddp / a zero engine")
     return blocks
 
 
@@ -265,20 +266,19 @@ class FSDP2Run:
 # DeepSpeed ZeRO
 # ---------------------------------------------------------------------------------------------
 def check_ds_config(cfg: dict, source: str = "DeepSpeed config") -> None:
-    """What the TRAM ZeRO engine supports, checked before any data is tokenized."""
+    """What the TRAM ZeRO engine supports, checked before any data is tokenized: ZeRO-1/2/3 in
+    fp32 or bf16, optimizer offload to the CPU (every stage), parameter offload to the CPU
+    (ZeRO-3), fp16 with DeepSpeed's loss scaling (ZeRO-1/2); ``ds_config.zero_support_error``
+    names what it does not run."""
+    from .ds_config import zero_support_error
+
     stage = zero_stage(cfg)
     if stage not in (1, 2, 3):
         raise DsConfigError(f"{source}: zero_optimization.stage is {stage}; tram_dist runs ZeRO stage 1, 2 "
                             "or 3 (without ZeRO, launch with torchrun for DDP)")
-    zero = cfg.get("zero_optimization", {})
-    for key in ("offload_optimizer", "offload_param"):
-        device = (zero.get(key) or {}).get("device", "none")
-        if device not in (None, "none"):
-            raise DsConfigError(f"{source}: zero_optimization.{key}.device is {device!r}; offload is not "
-                                "supported by the TRAM ZeRO engine yet: use configs/zero3.json")
-    if cfg.get("fp16", {}).get("enabled") is True:
-        raise DsConfigError(f"{source}: fp16.enabled is true; TRAM runs in bf16 (--bf16) or fp32, set "
-                            "fp16.enabled to false")
+    problem = zero_support_error(cfg, source)
+    if problem is not None:
+        raise DsConfigError(problem)
 
 
 def method_spec(args, method_kwargs: dict):

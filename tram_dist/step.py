@@ -56,7 +56,7 @@ class StepMetrics:
     grad_norm: Optional[float]         # the perturbation norm ||T g|| (global)
     eps_norm: Optional[float]          # ||eps||_2 intended (global, exact in float32)
     ascent_skipped: bool               # non-finite d or norm, or zero gradient: plain descent
-    step_skipped: bool                 # fp16 overflow in pass 1 or 2: no update at all
+    step_skipped: bool                 # no update at all: fp16 overflow (pass 1 or 2), or skip_nonfinite
     tokens: int                        # tokens with labels on this rank
     clip_norm: Optional[float] = None  # pass-2 gradient norm before clipping
     eps_applied: Optional[float] = None  # ||eps|| as written into the working dtype (global)
@@ -135,6 +135,11 @@ class TrainStep:
             by a hash of (seed, step, global sample index): deterministic and the same at any
             world size); 1 (default) uses all of them. With shared dropout masks a subset
             needs its own no-grad forward at theta, so d costs 2 x fraction forwards.
+        skip_nonfinite: when a loss of this step (pass 1 or 2) or, without loss scaling, a
+            reduced gradient is NaN or infinite on any rank, restore theta, drop the gradients
+            and skip the update (``StepMetrics.step_skipped``, counted in ``.skipped_steps``)
+            instead of stepping on it. Costs one small all-reduce and a host sync per step.
+            Under loss scaling an overflowing gradient is the scaler's to skip, as before.
 
     Every call puts the model in train mode (as ``transformers.Trainer`` does); evaluation
     helpers put it in eval mode and back.
@@ -143,7 +148,8 @@ class TrainStep:
     def __init__(self, model, optimizer, *, trust_region=None, divergence="kl", autocast_dtype=None,
                  scaler=None, max_grad_norm: Optional[float] = None, seed: int = 0,
                  engine: Optional[Engine] = None, causal: Optional[bool] = None,
-                 target_dropout: str = "shared", divergence_fraction: float = 1.0):
+                 target_dropout: str = "shared", divergence_fraction: float = 1.0,
+                 skip_nonfinite: bool = False):
         from .integrations.accelerate import unwrap_optimizer
 
         optimizer = unwrap_optimizer(optimizer)  # accelerate's wrapper: this step steps what is inside
@@ -173,6 +179,8 @@ class TrainStep:
             raise ValueError("divergence_fraction < 1 is not defined for the released code's d' "
                              "(a mean over the whole batch); use 1.0 with tram-released-*")
         self.divergence_fraction = float(divergence_fraction)
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self.skipped_steps = 0  # steps skipped for a non-finite loss or gradient (skip_nonfinite)
         self._warned_applied = False
         self._pending: Optional[_GlobalSums] = None
         self._warned_index = False
@@ -389,6 +397,12 @@ class TrainStep:
         clip = None
         skipped = False
         opt = self.optimizer
+        if self._nonfinite(loss_sum):
+            self.engine.discard_grads()
+            opt.zero_grad(set_to_none=True)
+            self._baseline_steps += 1
+            return self._metrics(self._baseline_steps, loss_sum, None, n_local, n_global, None, lr=lr,
+                                 step_skipped=True)
         if self.scaler is not None:
             self.scaler.unscale_(opt)
         if self.max_grad_norm is not None:
@@ -400,6 +414,7 @@ class TrainStep:
             skipped = self.scaler.get_scale() < before
         else:
             self.engine.base_step()
+            skipped = bool(getattr(self.engine, "step_skipped", False))  # DeepSpeed's loss scaler
         opt.zero_grad(set_to_none=True)
         self._baseline_steps += 1
         return self._metrics(self._baseline_steps, loss_sum, None, n_local, n_global, None, lr=lr,
@@ -464,7 +479,7 @@ class TrainStep:
         # pass 2: gradient at theta + eps over the same micro-batches
         loss2_sum = self._forward_backward(parts, counts, weights)
 
-        clip, skipped = self._descend()
+        clip, skipped = self._descend(loss_sum, loss2_sum)
         return self._metrics(step + 1, loss_sum, loss2_sum, n_local, n_global, ascent, lr=lr,
                              step_skipped=skipped, clip=clip)
 
@@ -500,7 +515,7 @@ class TrainStep:
                                      step_skipped=True, penalty_sum=penalty_sum)
             ascent = opt.first_step(None, zero_grad=True)
             loss2_sum, _ = self._penalized_passes(parts, counts, weights, targets, rngs, step)
-        clip, skipped = self._descend()
+        clip, skipped = self._descend(loss_sum, loss2_sum, penalty_sum)
         return self._metrics(step + 1, loss_sum, loss2_sum, n_local, n_global, ascent, lr=lr,
                              step_skipped=skipped, clip=clip, penalty_sum=penalty_sum)
 
@@ -539,7 +554,10 @@ class TrainStep:
         """fp16: unscale pass 1's gradients once; on an overflow drop them and skip the step."""
         scaler, opt = self.scaler, self.optimizer
         if scaler is None:
-            return False
+            # an engine with its own loss scaler (DeepSpeed fp16 under ZeRO-1/2) checks, unscales
+            # and skips itself
+            check = getattr(self.engine, "pass1_overflowed", None)
+            return bool(check()) if check is not None else False
         scaler.unscale_(opt)
         if not _found_inf(scaler, opt):
             return False
@@ -547,16 +565,40 @@ class TrainStep:
         scaler.update()
         return True
 
-    def _descend(self):
+    def _descend(self, *loss_sums):
         """Restore theta and step the base optimizer on the pass-2 gradients (the scaler's
-        update with it); returns (pass-2 norm before clipping or None, step skipped by fp16)."""
+        update with it); returns (pass-2 norm before clipping or None, step skipped by fp16 or
+        by ``skip_nonfinite``)."""
+        if self._nonfinite(*loss_sums):
+            self.optimizer.second_step(skip_update=True)
+            return None, True
         scaler = self.scaler
         before = scaler.get_scale() if scaler is not None else None
         clip = self.optimizer.second_step(scaler=scaler, max_grad_norm=self.max_grad_norm)
-        if scaler is None:
-            return (None if clip is None else float(clip)), False
+        if scaler is None:  # an engine that skipped its own base step (DeepSpeed's loss scaler)
+            return (None if clip is None else float(clip)), bool(getattr(self.engine, "step_skipped", False))
         scaler.update()
         return (None if clip is None else float(clip)), scaler.get_scale() < before
+
+    def _nonfinite(self, *loss_sums) -> bool:
+        """``skip_nonfinite``: whether on any rank a loss sum of this step or (without loss
+        scaling) a reduced gradient is NaN or infinite; counts the skip. False when off (no
+        collective)."""
+        if not self.skip_nonfinite:
+            return False
+        device = self.engine_device()
+        checks = [t.detach().float().reshape(()).to(device) for t in loss_sums if t is not None]
+        scaled = self.scaler is not None or getattr(self.engine, "loss_scale", 1.0) != 1.0
+        if not scaled:  # max |g| is NaN or inf exactly when an element is (no overflow in a sum)
+            checks += [torch.linalg.vector_norm(sl.grad, float("inf")).float().reshape(()).to(device)
+                       for group in self.engine.slice_groups() for sl in group.slices if sl.grad is not None]
+        bad = (~torch.isfinite(torch.stack(checks))).any().float().reshape(1) if checks else \
+            torch.zeros(1, device=device)
+        self.engine.all_reduce_sum_(bad)
+        if bad.item() > 0:
+            self.skipped_steps += 1
+            return True
+        return False
 
     def _target_dropout(self, model, rng: Optional[RNGState]):
         """The dropout the target forward sees (``target_dropout``)."""

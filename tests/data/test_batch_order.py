@@ -68,10 +68,10 @@ def test_batch_layout_and_its_errors():
     assert batch_layout(16, 2, grad_accum=4) == (2, 4)
     with pytest.raises(DataError) as e:
         batch_layout(16, 3, micro_batch_size=2)
-    assert "not divisible by world size 3 x micro-batch 2" in str(e.value)
+    assert str(e.value).startswith("batch_size: 16 is not divisible by world size 3 x micro-batch 2")
     with pytest.raises(DataError, match="not divisible by world size 3"):
         batch_layout(16, 3)
-    with pytest.raises(DataError, match="--grad-accum"):
+    with pytest.raises(DataError, match="grad_accum 2 = 8; give only one of micro_batch_size"):
         batch_layout(16, 2, micro_batch_size=2, grad_accum=2)
     with pytest.raises(DataError, match="larger than the training split"):
         GlobalBatchSampler(10, 16)

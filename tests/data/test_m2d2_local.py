@@ -68,5 +68,5 @@ def test_unknown_split_and_both_sources(tmp_path):
     src = LocalSource(make_m2d2(tmp_path / "m2d2"))
     with pytest.raises(DataError, match="unknown split"):
         src.path("alpha", "dev")
-    with pytest.raises(DataError, match="--data-dir and --hub"):
+    with pytest.raises(DataError, match="data_dir and hub both given"):
         resolve_source(data_dir=tmp_path / "m2d2", hub=True)

@@ -86,8 +86,16 @@ def test_fsdp_under_the_deepspeed_launcher(capsys, tmp_path):
 
 def test_deepspeed_config_the_tram_engine_cannot_run(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "0")  # a process group of one is started before the check
-    err = fails(["--deepspeed", str(ROOT / "configs" / "zero3_offload.json")], capsys, tmp_path)
-    assert "offload_optimizer.device is 'cpu'; offload is not supported" in err
+    preset = json.loads((ROOT / "configs" / "zero3_offload.json").read_text())
+    preset["zero_optimization"]["offload_optimizer"]["device"] = "nvme"
+    nvme = tmp_path / "nvme.json"
+    nvme.write_text(json.dumps(preset))
+    err = fails(["--deepspeed", str(nvme)], capsys, tmp_path)
+    assert "offload_optimizer.device is 'nvme'" in err and "what works:" in err
+    preset["zero_optimization"]["offload_optimizer"]["device"] = "cpu"
+    preset["fp16"]["enabled"] = True
+    nvme.write_text(json.dumps(preset))
+    assert "fp16 with ZeRO-3 is not supported" in fails(["--deepspeed", str(nvme)], capsys, tmp_path)
     cfg = tmp_path / "ds.json"
     cfg.write_text(json.dumps({"zero_optimization": {"stage": 0}}))
     assert "zero_optimization.stage is 0" in fails(["--deepspeed", str(cfg)], capsys, tmp_path)

@@ -149,3 +149,61 @@ def test_too_little_room_for_the_rotation_is_refused_at_the_first_save(tmp_path,
     code, err = _exit(_args(tmp_path), capsys)  # keeps 3: 4 checkpoints exist while one is written
     assert code == 2 and "GiB free, but keeping 3 checkpoints" in err and "lower keep_checkpoints" in err, err
     assert [p.name for p in (tmp_path / "out").glob("checkpoint-*")] == ["checkpoint-00000001"]
+
+
+def _poisoned_run(tmp_path, name, bad_forwards, **fields):
+    """A Run of SAM on the tiny model whose grad-enabled forwards numbered in ``bad_forwards``
+    (SAM: two per step, so 3 is step 2's pass 1) give NaN logits."""
+    from tram_dist import Run, RunConfig
+
+    config = RunConfig.from_yaml(ROOT / "configs" / "tiny.yaml", output_dir=str(tmp_path / name),
+                                 cache_dir=str(tmp_path / "cache"), method="sam", lr=1e-3, batch_size=2,
+                                 block_size=32, eval_domains=["math"], eval_batch_size=4, eval_interval=0,
+                                 save_interval=1, keep_checkpoints=5, warmup_steps=0, **fields)
+    run = Run(config).build()
+    calls = {"n": 0}
+
+    def poison(module, args, output):
+        if not torch.is_grad_enabled():
+            return output  # evaluation
+        calls["n"] += 1
+        return output * float("nan") if calls["n"] in bad_forwards else output
+
+    run.engine_run.module.lm_head.register_forward_hook(poison)
+    return run
+
+
+def _model(folder):
+    return torch.load(folder / "state.pt", weights_only=True)["model"]
+
+
+def test_nonfinite_skip_skips_a_nan_step_and_the_run_goes_on(tmp_path):
+    from tram_dist.run.run import NonFiniteRun
+
+    run = _poisoned_run(tmp_path, "skip", {3}, max_steps=3, nonfinite="skip")
+    run.train()
+    out = tmp_path / "skip"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step_skipped"] for r in records] == [False, True, False]
+    assert [r["skipped_steps"] for r in records] == [0, 1, 1]
+    assert json.loads((out / "eval.json").read_text())["skipped_steps"] == 1
+    one, two, three = (_model(out / f"checkpoint-0000000{i}") for i in (1, 2, 3))
+    assert all(torch.equal(one[k], two[k]) for k in one)  # the skipped step changed nothing
+    assert any(not torch.equal(two[k], three[k]) for k in two) and all(torch.isfinite(t).all() for t in three.values())
+    assert (out / "final" / "model.safetensors").is_file()
+    # the default stops on the same NaN, exporting nothing
+    with pytest.raises(NonFiniteRun, match="step 2: the loss is nan"):
+        _poisoned_run(tmp_path, "stop", {3}, max_steps=3).train()
+    assert not (tmp_path / "stop" / "final").exists()
+
+
+def test_nonfinite_skip_stops_after_max_skipped_steps_in_a_row(tmp_path):
+    from tram_dist.run.run import NonFiniteRun
+
+    run = _poisoned_run(tmp_path, "diverged", set(range(3, 100)), max_steps=6, nonfinite="skip",
+                        max_skipped_steps=2)
+    with pytest.raises(NonFiniteRun, match="step 3: 2 steps in a row skipped"):
+        run.train()
+    out = tmp_path / "diverged"
+    assert not (out / "final").exists()
+    assert [p.name for p in sorted(out.glob("checkpoint-*"))][-1] == "checkpoint-00000002"

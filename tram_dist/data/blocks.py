@@ -32,12 +32,12 @@ class TrainBlocks(Dataset):
 
     def __init__(self, tokens: np.ndarray, block_size: int, name: str = "split"):
         if block_size < 2:
-            raise DataError(f"--block-size {block_size} is too small; use at least 2 tokens")
+            raise DataError(f"block_size: {block_size} is too small; use at least 2 tokens")
         self.tokens, self.block_size, self.name = tokens, int(block_size), name
         self.num_blocks = len(tokens) // self.block_size
         if self.num_blocks == 0:
             raise DataError(f"{name} has {len(tokens)} tokens, fewer than one block of "
-                            f"{block_size}; use a smaller --block-size or more text")
+                            f"{block_size}; use a smaller block_size or more text")
 
     def __len__(self) -> int:
         return self.num_blocks
@@ -55,7 +55,7 @@ class EvalBlocks(Dataset):
 
     def __init__(self, tokens: np.ndarray, block_size: int, pad_id: int = 0, name: str = "split"):
         if block_size < 2:
-            raise DataError(f"--block-size {block_size} is too small; use at least 2 tokens")
+            raise DataError(f"block_size: {block_size} is too small; use at least 2 tokens")
         if len(tokens) < 2:
             raise DataError(f"{name} has {len(tokens)} token(s); perplexity needs at least 2")
         self.tokens, self.block_size, self.pad_id, self.name = tokens, int(block_size), pad_id, name

@@ -65,4 +65,4 @@ def run_once(done: Callable[[], bool], build: Callable[[], None], what: str) -> 
         if all_max(0 if done() else 1) == 0:
             return
     raise DataError(f"{what} is still missing after preparation on every node; "
-                    "check that the cache folder (--cache-dir) is writable")
+                    "check that the cache folder (cache_dir) is writable")

@@ -35,7 +35,7 @@ S2ORC_DOMAINS = (
 EMBEDDED_CORPUS = Path(__file__).resolve().parent / "corpus"
 EMBEDDED_TOKENIZER = Path(__file__).resolve().parent / "tokenizer"
 
-_HINT_LOCAL = ("pass --data-dir pointing to a folder laid out as {domain}/{train,valid,test}.txt "
+_HINT_LOCAL = ("set data_dir (--data-dir) to a folder laid out as {domain}/{train,valid,test}.txt "
                "(M2D2's archives unpack to that layout)")
 
 
@@ -112,7 +112,7 @@ class LocalSource(DataSource):
             raise DataError(f"domain {domain!r} is not a plain name inside {self.name}; "
                             f"use one of: {self._available()}")
         folder = check_inside(self.root / domain, self.root, "domain",
-                              f"move the folder into {self.root} or pass its real location as --data-dir")
+                              f"move the folder into {self.root} or set data_dir (--data-dir) to its real location")
         if not folder.is_dir():
             raise DataError(f"unknown domain {domain!r} in {self.name}; available: {self._available()}")
         file = folder / f"{split}.txt"
@@ -198,7 +198,7 @@ class HubSource(DataSource):
                                         filename=f"data/{domain}.tar.gz"))
         except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
             raise DataError(f"{what}: the hub is unreachable (offline); {_HINT_LOCAL}, "
-                            "or run without --hub for the embedded corpus") from e
+                            "or leave hub off for the embedded corpus") from e
         except EntryNotFoundError as e:
             raise DataError(f"unknown domain {domain!r} on the hub ({self.repo_id} has no "
                             f"data/{domain}.tar.gz); top-level domains: {', '.join(self.domains())}") from e
@@ -253,7 +253,7 @@ def resolve_source(data_dir: str | os.PathLike | None = None, hub: bool = False,
                    cache_dir: str | os.PathLike | None = None) -> DataSource:
     """--data-dir DIR -> LocalSource; --hub -> HubSource; neither -> the embedded corpus."""
     if data_dir is not None and hub:
-        raise DataError("--data-dir and --hub both given; pass one (a local folder or the hub)")
+        raise DataError("data_dir and hub both given; set one (a local folder or the hub)")
     if data_dir is not None:
         return LocalSource(data_dir)
     if hub:

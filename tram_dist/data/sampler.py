@@ -31,33 +31,33 @@ def batch_layout(global_batch_size: int, world_size: int, micro_batch_size: int 
     """
     B, W = int(global_batch_size), int(world_size)
     if B < 1:
-        raise DataError(f"--batch-size {B} must be a positive number of blocks")
+        raise DataError(f"batch_size: {B} must be a positive number of blocks")
     if micro_batch_size is not None and micro_batch_size < 1:
-        raise DataError(f"--micro-batch-size {micro_batch_size} must be at least 1")
+        raise DataError(f"micro_batch_size: {micro_batch_size} must be at least 1")
     if grad_accum is not None and grad_accum < 1:
-        raise DataError(f"--grad-accum {grad_accum} must be at least 1")
+        raise DataError(f"grad_accum: {grad_accum} must be at least 1")
     if micro_batch_size is not None and grad_accum is not None:
         if micro_batch_size * grad_accum * W != B:
             raise DataError(
-                f"--batch-size {B} != world size {W} x --micro-batch-size {micro_batch_size} x "
-                f"--grad-accum {grad_accum} = {W * micro_batch_size * grad_accum}; "
-                "give only one of --micro-batch-size / --grad-accum, or make the product match")
+                f"batch_size: {B} != world size {W} x micro_batch_size {micro_batch_size} x "
+                f"grad_accum {grad_accum} = {W * micro_batch_size * grad_accum}; "
+                "give only one of micro_batch_size / grad_accum, or make the product match")
         return micro_batch_size, grad_accum
     if micro_batch_size is not None:
         if B % (W * micro_batch_size):
             raise DataError(
-                f"--batch-size {B} is not divisible by world size {W} x micro-batch "
+                f"batch_size: {B} is not divisible by world size {W} x micro-batch "
                 f"{micro_batch_size} = {W * micro_batch_size}; use a multiple of "
-                f"{W * micro_batch_size} or another --micro-batch-size")
+                f"{W * micro_batch_size} or another micro_batch_size")
         return micro_batch_size, B // (W * micro_batch_size)
     if grad_accum is not None:
         if B % (W * grad_accum):
             raise DataError(
-                f"--batch-size {B} is not divisible by world size {W} x grad-accum {grad_accum} "
-                f"= {W * grad_accum}; use a multiple of {W * grad_accum} or another --grad-accum")
+                f"batch_size: {B} is not divisible by world size {W} x grad-accum {grad_accum} "
+                f"= {W * grad_accum}; use a multiple of {W * grad_accum} or another grad_accum")
         return B // (W * grad_accum), grad_accum
     if B % W:
-        raise DataError(f"--batch-size {B} is not divisible by world size {W}; use a multiple "
+        raise DataError(f"batch_size: {B} is not divisible by world size {W}; use a multiple "
                         f"of {W}")
     return B // W, 1
 
@@ -85,8 +85,8 @@ class GlobalBatchSampler:
         self.seed, self.shuffle = int(seed), shuffle
         self.steps_per_epoch = self.num_samples // self.global_batch_size
         if self.steps_per_epoch == 0:
-            raise DataError(f"--batch-size {global_batch_size} is larger than the training split "
-                            f"({num_samples} blocks); use a smaller --batch-size or --block-size")
+            raise DataError(f"batch_size: {global_batch_size} is larger than the training split "
+                            f"({num_samples} blocks); use a smaller batch_size or block_size")
         self._order: tuple[int, torch.Tensor] | None = None
 
     def order(self, epoch: int) -> torch.Tensor:
@@ -128,7 +128,7 @@ def rank_share(global_batch: list[int], rank: int, world_size: int,
     """This rank's contiguous share of a global batch, split into micro-batches."""
     per_rank = len(global_batch) // world_size
     if per_rank * world_size != len(global_batch) or per_rank % micro_batch_size:
-        raise DataError(f"--batch-size {len(global_batch)} is not divisible by world size "
+        raise DataError(f"batch_size: {len(global_batch)} is not divisible by world size "
                         f"{world_size} x micro-batch {micro_batch_size}")
     mine = global_batch[rank * per_rank:(rank + 1) * per_rank]
     return [mine[i:i + micro_batch_size] for i in range(0, per_rank, micro_batch_size)]
@@ -181,8 +181,8 @@ class TrainLoader:
                            ("num_samples", len(self.dataset))):
             if state[field] != now:
                 raise DataError(f"cannot resume: the checkpoint's data has {field}={state[field]} "
-                                f"but this run has {now}; resume with the same data, --seed, "
-                                "--batch-size and --block-size")
+                                f"but this run has {now}; resume with the same data, seed, "
+                                "batch_size and block_size")
         self.position = DataPosition(int(state["epoch"]), int(state["step"]))
 
 

@@ -101,6 +101,12 @@ class RunConfig:
     warmup_steps: int = opt(0, "linear warmup steps, then linear decay to lr_end")
     max_steps: int = opt(1000, "optimizer steps (0: evaluate only)")
     seed: int = opt(0, "model init, batch order, input noise, dropout")
+    nonfinite: str = opt("stop", "on a NaN or infinite loss or gradient: 'stop' the run (exit 3, "
+                         "nothing exported), or 'skip' the step (theta restored, no update; counted "
+                         "in metrics.jsonl and eval.json; one more small all-reduce per step)",
+                         choices=("stop", "skip"))
+    max_skipped_steps: int = opt(10, "nonfinite skip: stop after this many skipped steps in a row "
+                                 "(a diverged run does not recover by skipping)")
     # --- evaluation, checkpoints, output ---------------------------------------------------------
     eval_interval: int = opt(0, "evaluate every N steps (0: only at the end)")
     analysis: bool = opt(False, "after training, the paper's Table 5 analysis (epsilon-sharpness, "
@@ -190,6 +196,8 @@ class RunConfig:
             raise ConfigError("max_grad_norm", f"{self.max_grad_norm} must be > 0 (None disables it)")
         if self.method in ("tram-x", "tram-fisher", "r3f", "asam+r3f", "tram-released-x") and not self.sigma > 0:
             raise ConfigError("sigma", f"{self.sigma} must be > 0 for {self.method}")
+        if self.max_skipped_steps < 1:
+            raise ConfigError("max_skipped_steps", f"{self.max_skipped_steps} must be >= 1")
         if self.eval_batch_size < 1:
             raise ConfigError("eval_batch_size", f"{self.eval_batch_size} must be >= 1")
         if not 0 < self.divergence_fraction <= 1:

@@ -87,6 +87,7 @@ class Run:
         self.kind = engine_kind(self.config, self.dist.world_size)
         self.out = Path(self.config.output_dir)
         self.step_count, self.history, self.config_changes = 0, [], {}
+        self.skipped_steps, self._skips_in_a_row = 0, 0  # nonfinite="skip": steps without an update
         self.engine_run = self.loader = self.scheduler = self.reporter = None
         check_backends(self.config.report_to)
         self._check_inputs()
@@ -298,6 +299,7 @@ class Run:
             raise ConfigError("method", f"{path} was written by method {client.get('method')}, not "
                               f"{c.method}; resume with the same method")
         self.step_count, self.history = int(client["step"]), list(client.get("history", []))
+        self.skipped_steps, self._skips_in_a_row = int(client.get("skipped_steps", 0)), 0
         if self.loader is not None:
             self.loader.load_state_dict(client["data"])
         if self.scheduler is not None and client.get("scheduler"):
@@ -322,7 +324,7 @@ class Run:
         client = {"step": self.step_count, "method": self.config.method,
                   "data": self.loader.state_dict() if self.loader else None,
                   "scheduler": self.scheduler.state_dict() if self.scheduler else None,
-                  "history": self.history}
+                  "history": self.history, "skipped_steps": self.skipped_steps}
         first = not ckpt.checkpoints(self.out)
         path = ckpt.save(self.engine_run, self.out, self.step_count, client, self.dist,
                          self.config.keep_checkpoints, ckpt.run_settings(self.config, self.block_size))
@@ -378,13 +380,23 @@ class Run:
                 if d.device.type == "cuda":
                     torch.cuda.synchronize(d.device)
                 t0 = time.perf_counter()
+                skipped_before = run.step.skipped_steps
                 m = run.step(batches)
                 lr = run.optimizer.param_groups[0]["lr"]
                 self.scheduler.step()
                 loss, loss2 = m.loss, m.perturbed_loss  # global; reading them waits for the step
                 dt = time.perf_counter() - t0
-                if not math.isfinite(loss) or (loss2 is not None and not math.isfinite(loss2)):
-                    self._stop_non_finite(f"step {self.step_count + 1}: the loss is {loss} (perturbed {loss2})")
+                if run.step.skipped_steps > skipped_before:  # nonfinite="skip": theta restored, no update
+                    self.skipped_steps += 1
+                    self._skips_in_a_row += 1
+                    if self._skips_in_a_row >= c.max_skipped_steps:
+                        self._stop_non_finite(f"step {self.step_count + 1}: {self._skips_in_a_row} steps in a "
+                                              f"row skipped for a NaN or infinite loss or gradient "
+                                              f"(max_skipped_steps)")
+                else:
+                    self._skips_in_a_row = 0
+                    if not math.isfinite(loss) or (loss2 is not None and not math.isfinite(loss2)):
+                        self._stop_non_finite(f"step {self.step_count + 1}: the loss is {loss} (perturbed {loss2})")
                 self.step_count += 1
                 if d.main:
                     record = self._record(m, epoch, lr, dt, tokens_per_step)
@@ -395,6 +407,8 @@ class Run:
                             "tok/s": f"{tokens_per_step / dt:.0f}"}
                     if m.divergence is not None:
                         post["d"] = f"{m.divergence:.2e}"
+                    if self.skipped_steps:
+                        post["skipped"] = self.skipped_steps
                     bar.set_postfix(post, refresh=False)
                     bar.update(1)
                 if c.eval_interval and self.step_count % c.eval_interval == 0 and self.step_count < c.max_steps:
@@ -407,7 +421,8 @@ class Run:
                 "divergence": m.divergence, "divergence_clamped": m.divergence_clamped,
                 "radius": m.radius, "grad_norm": m.grad_norm, "eps_norm": m.eps_norm,
                 "eps_applied": m.eps_applied, "penalty": m.penalty, "clip_norm": m.clip_norm,
-                "ascent_skipped": m.ascent_skipped, "step_skipped": m.step_skipped, "lr": lr,
+                "ascent_skipped": m.ascent_skipped, "step_skipped": m.step_skipped,
+                "skipped_steps": self.skipped_steps, "lr": lr,
                 "tokens_per_s": tokens_per_step / dt, "step_time_s": dt,
                 "peak_mem_mb": peak_memory_mb(self.dist.device)}
 
@@ -419,6 +434,8 @@ class Run:
         name = c.method if c.max_steps else "zero-shot"
         summary = {k: best[k] for k in ("train_domain", "domains", "in_domain_ppl", "zs_avg")}
         extra = {"analysis": self.analysis()} if c.analysis else {}
+        if c.nonfinite == "skip":
+            extra["skipped_steps"] = self.skipped_steps
         if d.main:
             write_eval_json(self.out / "eval.json", summary, method=name, model=c.model, step=best["step"],
                             valid_ppl=best["valid_ppl"], split=c.eval_split,
