@@ -157,9 +157,11 @@ def test_fsdp2_matches_single_process_and_resumes_exactly(work):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_zero_matches_single_process(work, stage):
     out = f"zero{stage}"
-    # ZeRO-3: a checkpoint to resume; ZeRO-2: the Table 5 analysis under DeepSpeed
+    # ZeRO-3: configs/zero3_offload.json (optimizer and parameters offloaded to the CPU) and a
+    # checkpoint to resume; ZeRO-2: configs/zero2.json and the Table 5 analysis under DeepSpeed
+    preset = ROOT / "configs" / ("zero3_offload.json" if stage == 3 else "zero2.json")
     extra = ["--save-interval", "2"] if stage == 3 else ["--analysis"]
-    r = launch(deepspeed(), work, out, "--deepspeed", str(ROOT / "configs" / f"zero{stage}.json"), *extra)
+    r = launch(deepspeed(), work, out, "--deepspeed", str(preset), *extra)
     assert (r.stdout + r.stderr).count("done: ") == 1
     cfg = resolved(work, out)
     assert "engine: deepspeed" in cfg and "world_size: 2" in cfg
@@ -168,6 +170,7 @@ def test_deepspeed_zero_matches_single_process(work, stage):
     assert f"model_built_partitioned: {'true' if stage == 3 else 'false'}" in cfg
     ds = json.loads((work / out / "ds_config.json").read_text())
     assert ds["zero_optimization"]["stage"] == stage and ds["bf16"]["enabled"] is False
+    assert ("offload_optimizer" in ds["zero_optimization"]) == (stage == 3)
     # clipping (the preset's max_grad_norm 1.0) happens once, in the TRAM step: metrics report it
     assert ds["gradient_clipping"] == 0.0 and "max_grad_norm: 1.0" in cfg
     rows = metrics(work, out)
@@ -180,8 +183,7 @@ def test_deepspeed_zero_matches_single_process(work, stage):
     if stage == 3:  # resume the ZeRO-3 run at step 2 (DeepSpeed folder + per-rank TRAM files)
         ckpt = work / out / "checkpoint-00000002"
         assert (ckpt / "zero" / "tram_rank00001.pt").is_file()
-        launch(deepspeed(), work, "zero3-resumed", "--deepspeed", str(ROOT / "configs" / "zero3.json"),
-               "--resume", str(ckpt))
+        launch(deepspeed(), work, "zero3-resumed", "--deepspeed", str(preset), "--resume", str(ckpt))
         assert [m["lr"] for m in metrics(work, "zero3-resumed")] == [m["lr"] for m in rows[2:]]
         a, b = weights(work, "zero3-resumed"), weights(work, out)
         assert all(torch.equal(a[k], b[k]) for k in b)
