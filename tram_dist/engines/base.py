@@ -120,8 +120,11 @@ class Engine:
         with ctx:
             loss.backward()
 
-    def clip_grad_norm_(self, max_norm: float) -> Tensor:
-        """Clip the reduced gradients to a global L2 norm; returns the norm before clipping."""
+    def clip_grad_norm_(self, max_norm: float, grad_scale: float = 1.0) -> Tensor:
+        """Clip the reduced gradients to a global L2 norm; returns the norm before clipping.
+        ``grad_scale``: the gradients are still multiplied by a loss scale (DeepSpeed's fp16
+        step unscales them later): the norm is measured in true units and the gradients are
+        only multiplied by the clip coefficient (sharded engines)."""
         if not self.grads_sharded:  # whole gradients on every rank: torch's own clipping
             params = [s.param for g in self.slice_groups() for s in g.slices]
             return torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -133,7 +136,7 @@ class Engine:
             for g in grads:
                 total += g.float().pow(2).sum()
             # replicated shards (HSDP) are counted once: see counts_param_sums
-            norm = self.all_reduce_sum_(self.param_partial(total)).sqrt().reshape(())
+            norm = self.all_reduce_sum_(self.param_partial(total)).sqrt().reshape(()) / grad_scale
             coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
             for g in grads:
                 g.mul_(coef.to(g.dtype))

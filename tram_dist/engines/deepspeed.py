@@ -410,23 +410,9 @@ class ZeroEngine(Engine):
                         s.grad.mul_(inverse)
         return False
 
-    def clip_grad_norm_(self, max_norm: float) -> Tensor:
-        scale = self.loss_scale
-        if scale == 1.0:
-            return super().clip_grad_norm_(max_norm)
-        # fp16: the pass-2 gradients are still scaled (DeepSpeed's step unscales them): the norm is
-        # measured in true units and the gradients are multiplied by the clip coefficient only
-        with torch.no_grad():
-            grads = [s.grad for g in self.slice_groups() for s in g.slices if s.grad is not None]
-            device = grads[0].device if grads else torch.device("cpu")
-            total = torch.zeros(1, dtype=torch.float32, device=device)
-            for g in grads:
-                total += g.float().pow(2).sum()
-            norm = self.all_reduce_sum_(total).sqrt().reshape(()) / scale
-            coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-            for g in grads:
-                g.mul_(coef.to(g.dtype))
-        return norm
+    def clip_grad_norm_(self, max_norm: float, grad_scale: float = 1.0) -> Tensor:
+        # fp16: the pass-2 gradients are still scaled (DeepSpeed's step unscales them)
+        return super().clip_grad_norm_(max_norm, grad_scale=grad_scale * self.loss_scale)
 
     def base_step(self, scaler=None) -> None:
         if scaler is not None:
