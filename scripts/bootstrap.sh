@@ -11,14 +11,18 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-$(command -v python3.11 || command -v python3)}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 VENV=${VENV:-.venv}
+# versions the suite last passed with; CONSTRAINTS= (empty) installs the newest releases
+CONSTRAINTS=${CONSTRAINTS-scripts/constraints.txt}
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
+constrained=()
+[ -z "$CONSTRAINTS" ] || constrained=(-c "$CONSTRAINTS")
 
 pip install -q "$TORCH_SPEC"
-pip install -q setuptools wheel packaging ninja
-pip install -q --no-build-isolation "deepspeed>=0.15"
-pip install -q --no-build-isolation -e ".[dev,plot,tensorboard,trainer]"
+pip install -q "${constrained[@]}" setuptools wheel packaging ninja
+pip install -q "${constrained[@]}" --no-build-isolation "deepspeed>=0.15"
+pip install -q "${constrained[@]}" --no-build-isolation -e ".[dev,plot,tensorboard,trainer]"
 
 # Without a GPU DeepSpeed runs on its CPU accelerator, which JIT-compiles its shared-memory
 # collective op (shm_comm, about a minute) the first time a process group starts: compile it
