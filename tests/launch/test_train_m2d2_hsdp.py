@@ -1,5 +1,6 @@
 """launch/train_m2d2.py --fsdp --hsdp-replicas 2 under torchrun with 4 processes (a 2 x 2
-(replicate, shard) mesh, CPU, gloo): the final/ weights equal the single-process run's.
+(replicate, shard) mesh, CPU, gloo): the final/ weights equal the single-process run's, and a
+resume from its step-2 checkpoint repeats the rest bit for bit.
 
 The tiny setup, the launch helpers and the tolerance are test_train_m2d2_sharded.py's (loaded
 from that file, not copied): a 2-layer GPT-2 without dropout, TRAM-d_theta(t-1), global batch
@@ -38,8 +39,8 @@ def work(tmp_path_factory):
     return w
 
 
-def test_hsdp_2x2_matches_single_process(work):
-    r = S.launch(S.torchrun(4), work, "hsdp", "--fsdp", "--hsdp-replicas", "2")
+def test_hsdp_2x2_matches_single_process_and_resumes_exactly(work):
+    r = S.launch(S.torchrun(4), work, "hsdp", "--fsdp", "--hsdp-replicas", "2", "--save-interval", "2")
     cfg = S.resolved(work, "hsdp")
     assert "engine: fsdp" in cfg and "world_size: 4" in cfg and "hsdp_replicas: 2" in cfg, cfg
     assert (r.stdout + r.stderr).count("done: ") == 1
@@ -50,3 +51,14 @@ def test_hsdp_2x2_matches_single_process(work):
             assert a[key] == pytest.approx(b[key], rel=S.RTOL), (a["step"], key, a[key], b[key])
     assert max(m["clip_norm"] for m in ref) > 1.0  # clipping is active
     assert S.assert_matches(work, "hsdp") < S.RTOL
+    # resume at step 2 from the DCP checkpoint the 2 x 2 mesh wrote (each replica group holds the
+    # same shards): the remaining steps and the final weights repeat bit for bit
+    ckpt = work / "hsdp" / "checkpoint-00000002"
+    S.launch(S.torchrun(4), work, "hsdp-resumed", "--fsdp", "--hsdp-replicas", "2", "--resume", str(ckpt))
+    again = S.metrics(work, "hsdp-resumed")
+    assert [m["step"] for m in again] == list(range(3, S.STEPS + 1))
+    for x, y in zip(rows[2:], again):
+        for key in ("loss", "perturbed_loss", "divergence", "lr", "clip_norm"):
+            assert x[key] == y[key], (key, x[key], y[key])
+    a, b = S.weights(work, "hsdp-resumed"), S.weights(work, "hsdp")
+    assert all(torch.equal(a[k], b[k]) for k in b)
