@@ -35,15 +35,6 @@ STEPS = 4
 RTOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small shared machines: no oversubscription, and the same threads for trainer and reference
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _assert_same_params(a, b):
     bad = [k for k in b if not torch.equal(a[k], b[k])]
     assert not bad, f"parameters differ (max rel {H.max_rel_diff(a, b):.3g}): {bad[:4]}"
@@ -257,3 +248,41 @@ def test_ddp_two_ranks(tmp_path):
         assert res["lrs"] == [H.expected_lr(s, STEPS) for s in range(STEPS)]
         if job[4]:
             _assert_same_params(res["resumed"], res["params"])
+
+
+def test_skip_nonfinite(tmp_path):
+    """method_kwargs skip_nonfinite=True reaches TrainStep; a step whose pass-1 loss is NaN is
+    skipped with the parameters bit for bit as before it (logged as tram/step_skipped), and
+    the run goes on: the other steps update, and the parameters stay finite."""
+    from transformers import TrainerCallback
+
+    from tram_dist.integrations.transformers import TramTrainer
+
+    after = []
+
+    class Snapshot(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kw):
+            after.append(H.params_of(model))
+
+    trainer_box = {}
+
+    def nan_loss_at_step_1(module, args, output):
+        if trainer_box["t"].state.global_step == 1:
+            output.loss = output.loss * float("nan")
+        return output
+
+    rec = H.Recorder()
+    args = H.training_args(str(tmp_path), batch=4, steps=3)
+    model = H.tiny_gpt2(H.SEED)
+    before = H.params_of(model)
+    trainer = trainer_box["t"] = TramTrainer(
+        model=model, args=args, train_dataset=H.dataset(), method="tram-theta-prev",
+        method_kwargs={"nu": 1e-2, "skip_nonfinite": True}, callbacks=[rec, Snapshot()])
+    model.register_forward_hook(nan_loss_at_step_1)
+    trainer.train()
+    assert trainer.train_step.skip_nonfinite and trainer.train_step.skipped_steps == 1
+    assert [log["tram/step_skipped"] for log in rec.logs] == [0.0, 1.0, 0.0]
+    assert not torch.equal(after[0]["transformer.wte.weight"], before["transformer.wte.weight"])
+    _assert_same_params(after[1], after[0])  # the skipped step left theta as it was
+    assert not torch.equal(after[2]["transformer.wte.weight"], after[1]["transformer.wte.weight"])
+    assert all(torch.isfinite(p).all() for p in after[2].values())

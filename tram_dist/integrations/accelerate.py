@@ -6,8 +6,10 @@ so it steps the optimizer inside the wrapper; the prepared model and LR schedule
 they are (the scheduler shares the inner optimizer's ``param_groups``).
 
 Under accelerate's ``DeepSpeedPlugin`` the optimizer ends up inside DeepSpeed's ZeRO optimizer,
-where TRAM cannot perturb or restore the partitions; that case is refused with the way that
-works: build the ZeRO engine with ``tram_dist.engines.deepspeed.initialize``.
+where TRAM cannot perturb or restore the partitions; that case is refused with the ways that
+work: build the ZeRO engine with ``tram_dist.engines.deepspeed.initialize``, or, with
+``transformers.Trainer``, use ``TramTrainer`` with ``TrainingArguments(deepspeed=...)`` (it hands
+accelerate the base optimizer and wraps the partitioned base in TRAM on a ``ZeroEngine``).
 """
 from __future__ import annotations
 
@@ -27,7 +29,8 @@ def unwrap_optimizer(optimizer):
                 "DeepSpeed's ZeRO optimizer where TRAM cannot perturb and restore the partitions; "
                 "build the engine with ds_engine, opt, _ = tram_dist.engines.deepspeed.initialize("
                 "model, TRAM, accelerator.state.deepspeed_plugin.deepspeed_config, ...) and pass "
-                "TrainStep(ds_engine, opt)")
+                "TrainStep(ds_engine, opt), or, under transformers.Trainer, use "
+                "tram_dist.integrations.transformers.TramTrainer with TrainingArguments(deepspeed=...)")
         if name not in _WRAPPERS or not hasattr(inner, "optimizer"):
             return inner
         inner = inner.optimizer

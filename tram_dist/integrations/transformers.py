@@ -13,15 +13,24 @@ Trainer holds (``TrainerOptimizer``) shares TRAM's ``param_groups`` (so Trainer'
 drives the base optimizer) and state dict (so checkpoints carry TRAM's trust-region target and
 counters), and its ``step()`` does nothing: the update has already happened.
 
+DeepSpeed ZeRO-1/2/3 (``TrainingArguments(deepspeed=config)``, "auto" fields filled by
+transformers): Trainer's optimizer, which accelerate hands to ``deepspeed.initialize``, is the
+*base* optimizer (ZeRO partitions it, as ``tram_dist.engines.deepspeed.initialize`` does); on the
+first step the TRAM optimizer is built around the partitioned base on a ``ZeroEngine``, and
+``TrainStep`` runs the prepared ``DeepSpeedEngine``. Clipping stays in the step (the config's
+``gradient_clipping`` is set to 0 so DeepSpeed does not clip twice); checkpoints are DeepSpeed's
+plus TRAM's per-rank state beside them (``tram_rank{r}.pt``), resumed on the same world size.
+
 Written against transformers 5.x's loop (``training_step`` per micro-batch, ``_clip_grad_norm``
-and ``_get_grad_norm`` for the logged ``grad_norm``). Runs single-process and under DDP
-(tested on CPU with gloo); Trainer's FSDP and DeepSpeed options and fp16 loss scaling are
-refused with a message.
+and ``_get_grad_norm`` for the logged ``grad_norm``). Runs single-process, under DDP and under
+DeepSpeed ZeRO-2/3 (both tested on CPU at 2 ranks with gloo, DeepSpeed with
+``DS_ACCELERATOR=cpu``); Trainer's FSDP options and fp16 loss scaling are refused with a message.
 """
 from __future__ import annotations
 
 import inspect
 import math
+import os
 import warnings
 from typing import Any, Dict, List, Optional
 
@@ -34,7 +43,7 @@ from ..step import StepMetrics, TrainStep
 from ..trust_region import ParamTarget
 
 # method_kwargs that go to TrainStep; every other name goes to build_method
-_STEP_OPTIONS = ("divergence", "target_dropout", "divergence_fraction", "causal", "seed")
+_STEP_OPTIONS = ("divergence", "target_dropout", "divergence_fraction", "causal", "seed", "skip_nonfinite")
 # build_method options that TrainingArguments already owns (one source of truth for each)
 _FROM_ARGS = {"lr": "learning_rate", "betas": "adam_beta1 / adam_beta2", "eps": "adam_epsilon",
               "weight_decay": "weight_decay"}
@@ -116,8 +125,8 @@ class TramTrainer(Trainer):
     ``method_kwargs``: the method's options (``nu``, ``rho``, ``eta``, ``sigma``, ``noise``,
     ``radius_scale``, ``lam``, ``decay``, ``logit_scale``, ``on_nonfinite``,
     ``base_optimizer``: passed to ``build_method``) and the step's (``divergence``,
-    ``target_dropout``, ``divergence_fraction``, ``causal``, ``seed``: passed to ``TrainStep``;
-    ``seed`` defaults to ``args.seed``). The learning rate, Adam's betas and eps, and the
+    ``target_dropout``, ``divergence_fraction``, ``causal``, ``seed``, ``skip_nonfinite``: passed
+    to ``TrainStep``; ``seed`` defaults to ``args.seed``). The learning rate, Adam's betas and eps, and the
     weight decay come from ``TrainingArguments`` (decay on the parameters Trainer decays, as
     Trainer groups them); ``args.optim`` is not used (the base optimizer is AdamW unless
     ``base_optimizer`` says otherwise).
@@ -128,8 +137,9 @@ class TramTrainer(Trainer):
     ``learning_rate`` is the base optimizer's. Each training log also carries TRAM's metrics
     as ``tram/divergence``, ``tram/radius``, ``tram/grad_norm`` (the ascent's ||T g||),
     ``tram/eps_norm``, ``tram/eps_applied``, ``tram/perturbed_loss`` (means over the steps
-    since the last log), ``tram/ascent_skipped`` (their number) and ``tram/penalty``
-    (TRPO/R3F/MESA), so every ``report_to`` integration gets them.
+    since the last log), ``tram/ascent_skipped`` (their number), ``tram/penalty``
+    (TRPO/R3F/MESA) and, with ``skip_nonfinite``, ``tram/step_skipped`` (the steps skipped for
+    a non-finite loss or gradient), so every ``report_to`` integration gets them.
     """
 
     def __init__(self, *args, method: str = "tram-theta-prev",
@@ -161,13 +171,39 @@ class TramTrainer(Trainer):
         self._micro_batches: List[Dict[str, Any]] = []  # this optimizer step's, until its last one
         self._window: List[StepMetrics] = []            # the steps since the last training log
         self._descent_norm: Optional[float] = None
+        self._zero_engine = None       # DeepSpeed: the ZeroEngine of the prepared DeepSpeedEngine
+        self._tram_resume: Optional[str] = None  # DeepSpeed: the checkpoint whose TRAM state to load
 
     def _check_supported(self) -> None:
         a = self.args
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+        if self.is_fsdp_enabled:
             raise NotImplementedError(
-                "TramTrainer runs single-process and DDP; Trainer's DeepSpeed and FSDP options are not "
-                "supported yet (use tram_dist.Run / TrainStep with tram_dist.engines for ZeRO and FSDP2)")
+                "TramTrainer: Trainer's FSDP options are not supported (untested: accelerate enables FSDP "
+                "only on GPU-type devices); use TrainStep on a fully_shard model (tram_dist.engines.FSDP2Engine) "
+                "or Trainer's deepspeed= option (ZeRO-1/2/3)")
+        if self.is_deepspeed_enabled:
+            import torch.distributed as dist
+
+            if dist.is_initialized() and dist.get_world_size() != a.world_size:
+                raise RuntimeError(
+                    f"TramTrainer: DeepSpeed runs {dist.get_world_size()} ranks but accelerate counts "
+                    f"{a.world_size} (on a host without GPUs its PartialState finds no backend, and transformers "
+                    f"filled the config's batch sizes for that world); before TrainingArguments set "
+                    f"ACCELERATE_USE_DEEPSPEED=true, create accelerate.PartialState(backend='gloo') and pass "
+                    f"accelerator_config={{'use_configured_state': True}}, use_cpu=False")
+            cfg = self.accelerator.state.deepspeed_plugin.deepspeed_config
+            if "optimizer" in cfg:
+                raise ValueError("TramTrainer: remove the DeepSpeed config's optimizer section: TRAM wraps the "
+                                 "base optimizer it builds (AdamW, lr / betas / eps / weight_decay from "
+                                 "TrainingArguments), which ZeRO then partitions")
+            from ..ds_config import zero_stage, zero_support_error
+
+            if zero_stage(cfg) not in (1, 2, 3):
+                raise NotImplementedError("TramTrainer: the DeepSpeed config needs zero_optimization.stage 1, 2 "
+                                          "or 3 (the TRAM ZeRO engine); without ZeRO use DDP (no deepspeed=)")
+            problem = zero_support_error(cfg, "TramTrainer's DeepSpeed config")
+            if problem is not None:
+                raise NotImplementedError(problem)
         if a.fp16:
             raise NotImplementedError("TramTrainer: fp16 loss scaling is not supported (accelerate's scaler "
                                       "would step once per optimizer step, TRAM unscales per pass); use bf16")
@@ -194,22 +230,99 @@ class TramTrainer(Trainer):
             self.method, groups, lr=self.args.learning_rate, betas=(self.args.adam_beta1, self.args.adam_beta2),
             eps=self.args.adam_epsilon, weight_decay=self.args.weight_decay, **build)
         self.tram_optimizer, self.trust_region = opt, trust_region
+        if self.is_deepspeed_enabled:
+            # accelerate hands Trainer's optimizer to deepspeed.initialize: give it the base optimizer
+            # for ZeRO to partition; _zero_optimizer wraps the partitioned base on the first step
+            self._configure_deepspeed()
+            self.optimizer = opt.base if isinstance(opt, PerturbedOptimizer) else opt
+            return self.optimizer
         self.optimizer = TrainerOptimizer(opt, trust_region)
         return self.optimizer
+
+    def _configure_deepspeed(self) -> None:
+        """Before accelerate's deepspeed.initialize: TrainStep clips (at ``args.max_grad_norm``,
+        which transformers also wrote into ``gradient_clipping``), so DeepSpeed must not clip
+        again; under optimizer offload DeepSpeed steps the torch base optimizer as given."""
+        from ..ds_config import offloads_optimizer
+
+        cfg = self.accelerator.state.deepspeed_plugin.deepspeed_config
+        cfg["gradient_clipping"] = 0.0
+        if offloads_optimizer(cfg) and "zero_force_ds_cpu_optimizer" not in cfg:
+            cfg["zero_force_ds_cpu_optimizer"] = False
+
+    def _zero_optimizer(self, ds_engine):
+        """DeepSpeed: the optimizer TrainStep runs on the prepared engine and its ZeroEngine: the
+        method rebuilt around the base optimizer ZeRO now partitions (as
+        ``tram_dist.engines.deepspeed.initialize`` builds it), or ZeRO's optimizer for ``adamw``."""
+        from ..engines.deepspeed import ZeroEngine
+
+        engine = ZeroEngine(ds_engine)
+        opt = self.tram_optimizer
+        if isinstance(opt, PerturbedOptimizer):
+            cls = type(opt)
+            hyper = {k: opt.defaults[k] for k in cls.hyperparameters}
+            opt = cls(None, ds_engine.optimizer.optimizer, engine=engine, on_nonfinite=opt.on_nonfinite, **hyper)
+        else:
+            opt = ds_engine.optimizer
+        self.tram_optimizer, self._zero_engine = opt, engine
+        return opt, engine
 
     def _train_step(self, model) -> TrainStep:
         """The TrainStep for the prepared (possibly DDP-wrapped) model, built on first use."""
         step = self.train_step
-        if step is None or step.model is not model or step.optimizer is not self.tram_optimizer:
+        zero = self.is_deepspeed_enabled
+        if step is None or step.model is not model or (not zero and step.optimizer is not self.tram_optimizer):
             opts = {k: v for k, v in self.method_kwargs.items() if k in _STEP_OPTIONS}
             opts.setdefault("seed", self.args.seed)
+            if zero:
+                opts["engine"] = self._zero_optimizer(model)[1]
             # Clipping belongs to the descent, inside the step. An infinite bound clips nothing
             # (grads * 1.0, bit-exact) and still returns the norm Trainer logs as grad_norm.
             clip = self.args.max_grad_norm
             max_norm = clip if clip and clip > 0 else math.inf
             self.train_step = TrainStep(model, self.tram_optimizer, trust_region=self.trust_region,
                                         max_grad_norm=max_norm, **opts)
+            if zero and self._tram_resume is not None:  # after TrainStep attached the trust region
+                if isinstance(self.tram_optimizer, PerturbedOptimizer):
+                    self._load_tram_state(self.tram_optimizer, self._tram_resume)
+                self._tram_resume = None
         return self.train_step
+
+    # ------------------------------------------------------------------ DeepSpeed checkpoints
+    # Trainer saves and loads the DeepSpeed checkpoint (model, ZeRO partitions, base optimizer
+    # state) itself; TRAM's own state (trust-region targets, counters) is per rank, beside it.
+    _TRAM_FILE = "tram_rank{}.pt"
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.is_deepspeed_enabled and isinstance(self.tram_optimizer, PerturbedOptimizer) \
+                and self._zero_engine is not None:
+            import torch.distributed as dist
+
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            torch.save({"world_size": world, "tram": self.tram_optimizer.tram_state_dict()},
+                       os.path.join(output_dir, self._TRAM_FILE.format(self.args.process_index)))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if self.is_deepspeed_enabled and checkpoint is not None:
+            self._tram_resume = checkpoint  # loaded when the TRAM optimizer is built (_zero_optimizer)
+
+    def _load_tram_state(self, opt, checkpoint: str) -> None:
+        import torch.distributed as dist
+
+        from ..safe_load import load_tensors
+
+        path = os.path.join(checkpoint, self._TRAM_FILE.format(self.args.process_index))
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"TramTrainer: {path} is missing: this DeepSpeed checkpoint holds no "
+                                    f"TRAM state for rank {self.args.process_index}")
+        saved = load_tensors(path)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if saved["world_size"] != world:
+            raise ValueError(f"TramTrainer: {path} holds TRAM state of one rank of {saved['world_size']}; this "
+                             f"run has {world} ranks (ZeRO TRAM state resumes on the same world size)")
+        opt.load_tram_state_dict(saved["tram"])
 
     # ------------------------------------------------------------------ the step
     def train(self, *args, **kwargs):
@@ -272,6 +385,8 @@ class TramTrainer(Trainer):
                 out[f"tram/{name}"] = sum(values) / len(values)
         if isinstance(self.tram_optimizer, PerturbedOptimizer) and self.tram_optimizer.has_ascent:
             out["tram/ascent_skipped"] = float(sum(m.ascent_skipped for m in self._window))
+        if self.method_kwargs.get("skip_nonfinite"):
+            out["tram/step_skipped"] = float(sum(m.step_skipped for m in self._window))
         return out
 
 
