@@ -4,7 +4,6 @@ import os
 import sys
 
 import pytest
-import torch
 
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -16,9 +15,19 @@ if _HERE not in sys.path:
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # small shared machines: no oversubscription, and the same threads for trainer and reference
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):  # tests/conftest.py's, for every test here
     yield
-    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def deepspeed_runs(tmp_path_factory):
+    """One launch of 2 CPU ranks for every DeepSpeed job here (DeepSpeed's start-up on the ranks
+    costs ~25 s; each job a few seconds): ``{"trainer": {job: ...}, "accelerate": {job: ...}}``
+    for deepspeed_harness.JOBS (TramTrainer) and accelerate_ds_harness.JOBS (an Accelerator
+    with DeepSpeedPlugin and TrainStep)."""
+    pytest.importorskip("deepspeed")
+    import accelerate_ds_harness as A
+    import deepspeed_harness as D
+    import trainer_harness as H
+
+    return H.spawn(A.all_jobs, 2, D.JOBS, str(tmp_path_factory.mktemp("deepspeed")), A.JOBS)

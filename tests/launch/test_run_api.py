@@ -23,12 +23,7 @@ SMALL = dict(max_steps=3, warmup_steps=1, batch_size=2, block_size=32, eval_doma
              eval_interval=0, save_interval=0, eval_batch_size=4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _flags(values: dict) -> list:

@@ -20,13 +20,6 @@ sys.modules["train_m2d2_loading"] = train_m2d2
 spec.loader.exec_module(train_m2d2)
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture
 def local_model(tmp_path):

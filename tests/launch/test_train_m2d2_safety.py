@@ -16,12 +16,7 @@ sys.modules["train_m2d2_safety"] = train_m2d2
 spec.loader.exec_module(train_m2d2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _args(tmp_path, *extra, steps=4):
