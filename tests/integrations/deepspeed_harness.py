@@ -17,6 +17,12 @@ import torch
 
 import trainer_harness as H
 
+STEPS = 4
+# (method, ZeRO stage, per-device batch, accumulation, steps, save_at, skip_nonfinite): global batch 4 each;
+# test_tram_trainer_deepspeed.py checks them
+JOBS = (("tram-theta-prev", 2, 2, 1, STEPS, 2, False), ("sam", 3, 2, 1, STEPS, None, False),
+        ("tram-theta-prev", 3, 1, 2, STEPS, None, True))
+
 
 def ds_config(stage: int) -> dict:
     """A configs/zero*.json-style config: what the run determines says "auto"."""

@@ -3,7 +3,8 @@ single-process TrainStep loop that TramTrainer matches bit for bit without DeepS
 (test_tram_trainer.py). Same data, schedule and tolerances as the DDP test there: 1e-5
 relative (the engines tests' fp32 bound) on the parameters, losses and norms; a resume from
 a DeepSpeed checkpoint (DeepSpeed's partitions + TRAM's per-rank state) repeats the
-uninterrupted run bit for bit. One launch of 2 ranks (deepspeed_harness.ds_jobs)."""
+uninterrupted run bit for bit. One launch of 2 ranks for these jobs and test_accelerate_deepspeed.py's
+(the deepspeed_runs fixture, conftest.py; the ranks run deepspeed_harness.ds_jobs here)."""
 import pytest
 import torch
 
@@ -14,13 +15,13 @@ from test_tram_trainer import RTOL, STEPS, _assert_logs_match
 pytest.importorskip("deepspeed")
 
 # (method, ZeRO stage, per-device batch, accumulation, steps, save_at, skip_nonfinite): global batch 4 each
-JOBS = [("tram-theta-prev", 2, 2, 1, STEPS, 2, False), ("sam", 3, 2, 1, STEPS, None, False),
-        ("tram-theta-prev", 3, 1, 2, STEPS, None, True)]
+JOBS = D.JOBS
+assert D.STEPS == STEPS
 _CLASS = {"tram-theta-prev": "TRAM", "sam": "SAM"}
 
 
-def test_deepspeed_zero2_zero3_two_ranks(tmp_path):
-    results = H.spawn(D.ds_jobs, 2, JOBS, str(tmp_path))
+def test_deepspeed_zero2_zero3_two_ranks(deepspeed_runs):
+    results = dict(deepspeed_runs["trainer"])
     refused = results.pop("refused")
     assert refused["optimizer"].startswith("ValueError: TramTrainer: remove the DeepSpeed config's optimizer"), refused
     assert refused["stage0"].startswith("NotImplementedError: TramTrainer: the DeepSpeed config needs"), refused
@@ -38,7 +39,7 @@ def test_deepspeed_zero2_zero3_two_ranks(tmp_path):
         if job[6]:  # skip_nonfinite on finite steps: nothing skipped, the same run
             assert [log["tram/step_skipped"] for log in res["logs"]] == [0.0] * STEPS
         if method not in refs:
-            refs[method] = H.reference(method, batch=4, steps=STEPS)
+            refs[method] = H.cached_reference(method, batch=4, steps=STEPS)
         ref = refs[method]
         assert H.max_rel_diff(res["params"], ref["params"]) <= RTOL, job
         _assert_logs_match(res["logs"], ref, rtol=RTOL)

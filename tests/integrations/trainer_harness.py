@@ -16,6 +16,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import contextlib  # noqa: E402
+import functools  # noqa: E402
 import socket  # noqa: E402
 import tempfile  # noqa: E402
 from typing import Any, Dict, List, Optional  # noqa: E402
@@ -155,6 +156,10 @@ def reference(method: str, *, batch: int, steps: int, accum: int = 1, max_grad_n
         metrics.append(step(mbs).as_dict())
         sched.step()
     return {"params": params_of(model), "metrics": metrics, "lrs": lrs, "norms": norms}
+
+
+# the same reference for several tests (the DeepSpeed ones of TramTrainer and accelerate): compute it once
+cached_reference = functools.lru_cache(maxsize=None)(reference)
 
 
 def params_of(model) -> Dict[str, torch.Tensor]:

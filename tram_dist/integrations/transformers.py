@@ -253,17 +253,11 @@ class TramTrainer(Trainer):
     def _zero_optimizer(self, ds_engine):
         """DeepSpeed: the optimizer TrainStep runs on the prepared engine and its ZeroEngine: the
         method rebuilt around the base optimizer ZeRO now partitions (as
-        ``tram_dist.engines.deepspeed.initialize`` builds it), or ZeRO's optimizer for ``adamw``."""
-        from ..engines.deepspeed import ZeroEngine
+        ``tram_dist.engines.deepspeed.initialize`` builds it), or ZeRO's optimizer for ``adamw``
+        (``tram_dist.integrations.accelerate.zero_method``, shared with ``tram_on_deepspeed``)."""
+        from .accelerate import zero_method
 
-        engine = ZeroEngine(ds_engine)
-        opt = self.tram_optimizer
-        if isinstance(opt, PerturbedOptimizer):
-            cls = type(opt)
-            hyper = {k: opt.defaults[k] for k in cls.hyperparameters}
-            opt = cls(None, ds_engine.optimizer.optimizer, engine=engine, on_nonfinite=opt.on_nonfinite, **hyper)
-        else:
-            opt = ds_engine.optimizer
+        opt, engine = zero_method(ds_engine, self.tram_optimizer)
         self.tram_optimizer, self._zero_engine = opt, engine
         return opt, engine
 
