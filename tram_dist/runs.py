@@ -99,6 +99,18 @@ def _optimizer(module, args, method_kwargs: dict, spec):
     return optimizer, trust_region, divergence
 
 
+def check_method_options(args, method_kwargs: dict) -> None:
+    """Build the method on a placeholder parameter: a bad option (an unknown name, a value out
+    of range) raises here, before any model or engine work, as build_method's own error."""
+    from .divergence import get_divergence
+
+    kwargs, divergence = _split_method_kwargs(method_kwargs)
+    get_divergence(divergence)
+    placeholder = [torch.nn.Parameter(torch.zeros(1))]
+    build_method(args.method, placeholder, lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay,
+                 sigma=args.sigma, **kwargs)
+
+
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 import engines_harness as H
+from deepspeed_cpu import allow_fp16_on_cpu
 
 # dynamic loss scaling from 2^8 (2^16, DeepSpeed's default, overflows this model's first gradients),
 # halved on the first overflow (hysteresis 1) so a skipped step shows in the scale
@@ -20,19 +21,6 @@ OFFLOAD_OPTIMIZER = {"offload_optimizer": {"device": "cpu", "pin_memory": False}
 OFFLOAD_PARAM = {"offload_param": {"device": "cpu", "pin_memory": False}}
 OFFLOAD_BOTH = {"offload_optimizer": {"device": "cpu", "pin_memory": False},
                 "offload_param": {"device": "cpu", "pin_memory": False}}
-
-
-def allow_fp16_on_cpu() -> None:
-    """DeepSpeed's CPU accelerator refuses fp16 ("Type fp16 is not supported on your device")
-    unless oneDNN reports AVX512-FP16 (this machine's CPUs do not); torch runs fp16 on any CPU, so
-    the ranks declare it supported and DeepSpeed's fp16 path (its loss scaler, overflow checks)
-    runs as on a GPU."""
-    from deepspeed.accelerator import get_accelerator
-
-    accelerator = get_accelerator()
-    if accelerator.device_name() == "cpu" and not accelerator.is_fp16_supported():
-        accelerator.is_fp16_supported = lambda: True
-        accelerator.supported_dtypes = lambda: [torch.float32, torch.bfloat16, torch.float16]
 
 
 class ZeroRun(H.Run):

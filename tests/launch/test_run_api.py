@@ -147,3 +147,40 @@ def test_a_process_group_of_one_gives_the_environment_back(tmp_path, monkeypatch
     transformers = pytest.importorskip("transformers")
     args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[])
     assert args.world_size == 1
+
+
+def test_fp16_under_zero2_trains_checkpoints_and_resumes_bit_exactly(tmp_path):
+    """fp16 with DeepSpeed's loss scaler through Run (a process group of one): the model runs in
+    fp16, the steps are not skipped, the export is finite, and a resume from the step-2
+    checkpoint (the loss scaler's state with it) repeats steps 3-4 bit for bit. DeepSpeed's CPU
+    accelerator refuses fp16 without AVX512-FP16: tests/deepspeed_cpu.py declares it supported.
+    Two DeepSpeed runs in one process: the second failed while DeepSpeed kept groups of the first
+    process group (shutdown now tears down through deepspeed.comm)."""
+    pytest.importorskip("deepspeed")
+    from deepspeed_cpu import fp16_allowed_on_cpu
+
+    ds = json.loads((ROOT / "configs" / "zero2.json").read_text())
+    ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 8, "hysteresis": 2,
+                  "loss_scale_window": 1000, "min_loss_scale": 1}
+    (tmp_path / "fp16.json").write_text(json.dumps(ds))
+    base = RunConfig.from_yaml(ROOT / "configs" / "tiny.yaml", cache_dir=str(tmp_path / "cache"),
+                               **{**SMALL, "max_steps": 4, "save_interval": 2, "method": "tram-theta-prev",
+                                  "engine": "zero2", "deepspeed_config": str(tmp_path / "fp16.json")})
+    with fp16_allowed_on_cpu():
+        with Run(base.replace(output_dir=str(tmp_path / "whole"))) as whole:
+            whole.train()
+            assert next(whole.engine_run.module.parameters()).dtype == torch.float16
+        ckpt = tmp_path / "whole" / "checkpoint-00000002"
+        with Run(base.replace(output_dir=str(tmp_path / "resumed"), resume=str(ckpt))) as resumed:
+            resumed.train()
+    rows = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    again = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and not any(r["step_skipped"] for r in rows)
+    assert [r["step"] for r in again] == [3, 4]
+    for x, y in zip(rows[2:], again):
+        for key in ("loss", "perturbed_loss", "divergence", "lr"):
+            assert x[key] == y[key], (key, x[key], y[key])
+    a = load_file(tmp_path / "whole" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.isfinite(t).all() for t in a.values())

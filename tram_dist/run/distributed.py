@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -65,7 +66,13 @@ def shutdown() -> None:
     """End the process group, if one was started (a launcher's last call), and take back the
     environment variables init_distributed set."""
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        ds_comm = sys.modules.get("deepspeed.comm.comm")
+        if ds_comm is not None and getattr(ds_comm, "cdb", None) is not None:
+            # DeepSpeed caches groups of this process group (its world clone, data parallel): its
+            # own teardown releases them, so a later run in this process starts clean
+            ds_comm.destroy_process_group()
+        else:
+            dist.destroy_process_group()
     while _ENV_SET_HERE:
         os.environ.pop(_ENV_SET_HERE.pop(), None)
 

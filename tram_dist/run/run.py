@@ -100,6 +100,12 @@ class Run:
     # ------------------------------------------------------------------ checks before work
     def _check_inputs(self) -> None:
         c, d = self.config, self.dist
+        from ..runs import check_method_options
+
+        try:  # the method's options, on a placeholder parameter (errors from real work pass through)
+            check_method_options(c, c.method_options())
+        except (ValueError, TypeError) as e:
+            raise ConfigError("method_args", f"{c.method}: {first_line(e)}") from e
         self.source = resolve_source(c.data_dir, c.hub, c.cache_dir)
         if c.train_domain is None:
             if self.source.name != embedded_source().name:
@@ -228,11 +234,8 @@ class Run:
         try:
             self.engine_run = build_run(self.kind, module, dist=d, args=c,
                                         method_kwargs=c.method_options(), ds_config=self.ds_config)
-        except (ValueError, TypeError) as e:  # bad method options, checked by build_method / TrainStep
-            if isinstance(e, ConfigError):
-                raise
-            field = "engine" if isinstance(e, RunError) else "method_args"
-            raise ConfigError(field, f"{c.method}: {first_line(e)}") from e
+        except RunError as e:  # a model or setting the engine cannot run
+            raise ConfigError("engine", f"{c.method}: {first_line(e)}") from e
         if c.max_steps:
             from transformers import get_polynomial_decay_schedule_with_warmup
 
