@@ -1,8 +1,8 @@
 """Shared by the engine tests: a tiny GPT-2, global batches, engine builders, gloo spawning.
 
-The distributed checks run inside processes spawned with ``torch.multiprocessing`` (start
-method spawn), one process group per test module; the functions they run live here so that
-the children can import them. Everything is CPU + gloo; GPUs are hidden.
+The distributed checks run in ranks started by ``spawn`` (``torch.multiprocessing``, forked
+from a preloaded forkserver: tests/spawn_ranks.py), one process group per test module; the
+functions they run live here so that the ranks can import them. Everything is CPU + gloo; GPUs are hidden.
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import contextlib  # noqa: E402
 import logging  # noqa: E402
 import socket  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from typing import Any, Callable, Dict, List, Optional  # noqa: E402
 
@@ -278,13 +277,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, out: str, backend: str = "gloo",
-           env: Optional[Dict[str, str]] = None) -> None:
-    for key, value in (env or {}).items():  # None: unset
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+def _entry(rank: int, world: int, fn: Callable, args: tuple) -> Any:
+    """A rank: the gloo (or nccl) process group, one intra-op thread, ``fn``'s result."""
+    port, backend, args = args[0], args[1], args[2:]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
@@ -292,23 +287,19 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, out: str
     for category in (FutureWarning, DeprecationWarning, UserWarning):
         warnings.filterwarnings("ignore", category=category)
     dist.init_process_group(backend, rank=rank, world_size=world)
-    result = fn(rank, world, *args)  # an exception ends this rank; spawn stops the others
-    if rank == 0:
-        torch.save(result, out)
+    result = fn(rank, world, *args)  # an exception ends this rank; the others are stopped
     dist.barrier()
     dist.destroy_process_group()
+    return result
 
 
 def spawn(fn: Callable, world: int, *args, backend: str = "gloo", env: Optional[Dict[str, Optional[str]]] = None) -> Any:
     """Run ``fn(rank, world, *args)`` on ``world`` ranks (gloo unless told); returns rank 0's
-    result. ``env`` is set in the ranks before anything is imported there."""
-    import torch.multiprocessing as mp
+    result. ``env`` is set in the ranks before anything is imported there (None: unset). The
+    ranks start from a preloaded forkserver (tests/spawn_ranks.py)."""
+    import spawn_ranks
 
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "result.pt")
-        mp.start_processes(_entry, args=(world, free_port(), fn, args, out, backend, env), nprocs=world,
-                           join=True, start_method="spawn")
-        return torch.load(out, weights_only=False)
+    return spawn_ranks.spawn(_entry, fn, world, (free_port(), backend, *args), env=env)
 
 
 # ------------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import contextlib  # noqa: E402
 import functools  # noqa: E402
 import socket  # noqa: E402
-import tempfile  # noqa: E402
 from typing import Any, Dict, List, Optional  # noqa: E402
 
 import torch  # noqa: E402
@@ -197,32 +196,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, fn, args: tuple, out: str) -> None:
+def _entry(rank: int, world: int, fn, args: tuple):
     import warnings
 
+    port, args = args[0], args[1:]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     for category in (FutureWarning, DeprecationWarning, UserWarning):
         warnings.filterwarnings("ignore", category=category)
     result = fn(rank, world, *args)
-    if rank == 0:
-        torch.save(result, out)
     import torch.distributed as dist
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    return result
 
 
 def spawn(fn, world: int, *args) -> Any:
-    """Run ``fn(rank, world, *args)`` on ``world`` CPU ranks; returns rank 0's result."""
-    import torch.multiprocessing as mp
+    """Run ``fn(rank, world, *args)`` on ``world`` CPU ranks; returns rank 0's result. The ranks
+    start from a preloaded forkserver (tests/spawn_ranks.py)."""
+    import spawn_ranks
 
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "result.pt")
-        mp.start_processes(_entry, args=(world, free_port(), fn, args, out), nprocs=world, join=True,
-                           start_method="spawn")
-        return torch.load(out, weights_only=False)
+    return spawn_ranks.spawn(_entry, fn, world, (free_port(), *args))
 
 
 def ddp_jobs(rank: int, world: int, jobs, out_dir: str) -> Dict:
