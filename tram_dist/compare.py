@@ -5,7 +5,7 @@ value]), then a Table-3-style table with cost, ascent size and paired tests agai
 
 `launch/compare.py` parses the flags; everything else lives here so that it can be tested and
 reused: `expand_runs` (methods x sweeps x seeds), `method_takes` (does a method take a
-method option), `run_all` (the launcher subprocesses, sequential or N at a time), `load_run` /
+method option), `run_all` (the launcher processes, sequential or N at a time), `load_run` /
 `run_summary` (one run folder's eval.json, metrics.jsonl, evals.jsonl), `aggregate` (rows, mean
 and std over seeds, paired t-tests), `format_markdown`, `write_plot`, and `mean_std` /
 `paired_t_test` / `t_sf` (the statistics, no scipy needed).
@@ -15,7 +15,9 @@ Per run, from its folder `OUTPUT/runs/<method>[-<sweep>]-seed<k>/` (its output i
 
 - perplexities and ZS Avg. from eval.json (the evaluation the launcher selected by the training
   domain's validation perplexity);
-- wall time: the launcher process's (start-up, data, training, evaluation, saving);
+- wall time: the launcher process's (start-up, data, training, evaluation, saving; on a machine
+  without CUDA the runs fork from a forkserver that imported torch and transformers once, so
+  their import time is not in it);
 - step time: mean `step_time_s` over the steps of metrics.jsonl except the first (warm-up),
   reported as a ratio to AdamW's;
 - peak memory: the largest `peak_mem_mb` (CUDA peak allocated, or on CPU the process's peak RSS);
@@ -412,10 +414,14 @@ def _finished(result: RunResult) -> str:
 def run_all(specs: Sequence[RunSpec], *, launcher: str | os.PathLike, output_dir: str | os.PathLike,
             common: Sequence[str] = (), extra: Sequence[str] = (), jobs: int = 1,
             resume_existing: bool = False, log: Callable[[str], None] = say,
-            env: Mapping[str, str] | None = None) -> list[RunResult]:
+            env: Mapping[str, str] | None = None, start: str = "auto") -> list[RunResult]:
     """Launch every run (at most `jobs` at a time), each into OUTPUT/runs/<name>/ with its
     output in OUTPUT/logs/<name>.log; print one line per finished run. With `jobs` > 1 and no
-    OMP_NUM_THREADS in the environment each run gets cores // jobs threads."""
+    OMP_NUM_THREADS in the environment each run gets cores // jobs threads. `start`: how a run's
+    process starts (tram_dist.run.processes: "auto" forks runs from a preloaded forkserver on a
+    machine without CUDA, and starts fresh interpreters otherwise)."""
+    from .run.processes import start_launcher
+
     runs_dir, logs_dir = Path(output_dir) / "runs", Path(output_dir) / LOGS
     runs_dir.mkdir(parents=True, exist_ok=True)
     logs_dir.mkdir(parents=True, exist_ok=True)
@@ -425,7 +431,7 @@ def run_all(specs: Sequence[RunSpec], *, launcher: str | os.PathLike, output_dir
     base_env.setdefault("TQDM_MININTERVAL", "5")
     results: list[RunResult | None] = [None] * len(specs)
     pending = list(range(len(specs)))
-    running: dict[int, tuple[subprocess.Popen, float, object]] = {}
+    running: dict[int, tuple[object, float, object]] = {}  # a Popen or a ForkedRun
     done = 0
 
     def finish(i: int, result: RunResult) -> None:
@@ -457,8 +463,7 @@ def run_all(specs: Sequence[RunSpec], *, launcher: str | os.PathLike, output_dir
                 logf = open(logs_dir / f"{spec.name}.log", "w")
                 logf.write("$ " + " ".join(cmd) + "\n")
                 logf.flush()
-                proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, env=base_env)
+                proc = start_launcher(cmd, logf, base_env, start)
                 running[i] = (proc, time.perf_counter(), logf)
             time.sleep(0.2)
             for i, (proc, t0, logf) in list(running.items()):
@@ -758,6 +763,18 @@ PANELS = (  # (title, source, key, log scale)
 )
 
 
+_LINESTYLES = ("-", "--", ":", "-.")
+_MARKERS = ("o", "s", "^", "D")
+
+
+def row_style(k: int) -> dict:
+    """The k-th row's colour, line style and marker: matplotlib's 10 colours, then the same
+    colours dashed with square markers, and so on (Table 3 has 14 rows; no two rows may look
+    alike in a legend)."""
+    cycle = (k // 10) % len(_LINESTYLES)
+    return {"color": f"C{k % 10}", "linestyle": _LINESTYLES[cycle], "marker": _MARKERS[cycle]}
+
+
 def write_plot(report: Mapping, path: str | os.PathLike, log: Callable[[str], None] = say) -> bool:
     """compare.png: one panel per PANELS entry, one line per row (mean over its seeds). Returns
     False (and says how to get it) when matplotlib is not installed."""
@@ -789,8 +806,9 @@ def write_plot(report: Mapping, path: str | os.PathLike, log: Callable[[str], No
             if log_scale:
                 xs, ys = zip(*[(x, y) for x, y in zip(xs, ys) if y > 0]) if any(y > 0 for y in ys) else ((), ())
             if xs:
-                ax.plot(list(xs), list(ys), color=f"C{k % 10}", marker="o" if len(xs) < 8 else None,
-                        label=name)
+                style = row_style(k)
+                ax.plot(list(xs), list(ys), color=style["color"], linestyle=style["linestyle"],
+                        marker=style["marker"] if len(xs) < 8 else None, label=name)
                 drawn += 1
         ax.set_title(title)
         ax.set_xlabel("step")
@@ -839,4 +857,4 @@ __all__ = ["CompareError", "RunSpec", "RunResult", "Sweep", "mean_std", "betainc
            "paired_t_test", "parse_value", "format_value", "method_takes", "parse_sweep",
            "parse_methods", "check_method_args", "expand_runs", "launcher_command", "run_all",
            "load_run", "run_summary", "aggregate", "build_report", "format_markdown",
-           "write_report", "write_plot", "compare"]
+           "write_report", "row_style", "write_plot", "compare"]

@@ -136,6 +136,72 @@ def test_plot_with_matplotlib(compared, tmp_path):
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_every_row_of_table_3_has_its_own_look_in_the_plot():
+    """14 rows (Table 3) and more: matplotlib's 10-colour cycle alone repeats, so rows 10+ differ
+    in line style and marker."""
+    looks = [tuple(sorted(C.row_style(k).items())) for k in range(40)]
+    assert len(set(looks)) == 40
+    assert C.row_style(0)["color"] == C.row_style(10)["color"] and C.row_style(0) != C.row_style(10)
+
+
+# --- how a run's process starts (tram_dist.run.processes) -------------------------------------
+# A stand-in launcher: what a run's process sees (argv, environment, intra-op threads), in its log.
+FAKE_LAUNCHER = """
+import os, sys, torch
+print("argv", sys.argv[1:])
+print("threads", torch.get_num_threads(), "marker", os.environ.get("TRAM_TEST_MARKER"))
+sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("start", ["subprocess", "forkserver"])
+def test_a_run_gets_its_argv_environment_threads_and_log(tmp_path, start):
+    """Both ways of starting a run (fresh interpreter; forked from the preloaded forkserver)
+    give the launcher its flags, the run's environment (OMP_NUM_THREADS applied even though
+    the forkserver loaded torch with another), its log, and its exit code."""
+    launcher = tmp_path / "fake_launcher.py"
+    launcher.write_text(FAKE_LAUNCHER)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRAM_TEST_MARKER=f"m-{start}")
+    said = []
+    (result,) = C.run_all(C.expand_runs(["sam"], 1), launcher=launcher, output_dir=tmp_path / "out",
+                          common=["--max-steps", "2"], env=env, start=start, log=said.append)
+    assert result.status == "failed" and result.returncode == 3, said
+    log = result.log_path.read_text()
+    assert log.startswith(f"$ {sys.executable} {launcher} --method sam --seed 0"), log
+    assert "'--method', 'sam', '--seed', '0', '--output-dir'" in log and "'--max-steps', '2'" in log
+    assert f"threads 1 marker m-{start}" in log, log
+    assert said[0].startswith("[1/1] sam-seed0: FAILED (exit 3)")
+
+
+def test_forked_runs_do_not_rerun_the_callers_script(tmp_path):
+    """multiprocessing re-runs the caller's __main__ in each child unless told otherwise; a
+    script that calls run_all without a __main__ guard must still start each run once."""
+    launcher = tmp_path / "fake_launcher.py"
+    launcher.write_text(FAKE_LAUNCHER)
+    script = tmp_path / "no_guard.py"
+    script.write_text(
+        f"import sys\nsys.path.insert(0, {str(ROOT)!r})\nfrom tram_dist import compare as C\n"
+        f"res = C.run_all(C.expand_runs(['adamw'], 2), launcher={str(launcher)!r}, "
+        f"output_dir={str(tmp_path / 'out')!r}, start='forkserver')\n"
+        "print('exit codes', [r.returncode for r in res])\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          env=_env(), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "exit codes [3, 3]" in proc.stdout and proc.stdout.count("/2] adamw-seed") == 2, proc.stdout
+    assert "bootstrapping phase" not in proc.stderr
+
+
+def test_runs_start_fresh_interpreters_where_cuda_is_visible(monkeypatch):
+    from tram_dist.run import processes
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    assert processes.default_start() == "subprocess"
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert processes.default_start() == "forkserver"
+    with pytest.raises(ValueError, match="start must be one of auto, forkserver, subprocess"):
+        processes.start_launcher(["python", "x.py"], None, {}, start="thread")
+
+
 # --- options, no runs ------------------------------------------------------------------------
 def _main(capsys, *argv):
     rc = compare_script.main(list(argv))
