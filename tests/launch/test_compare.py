@@ -273,6 +273,14 @@ def test_sweep_values_survive_the_launchers_yaml():
     assert C.format_value(C.parse_value("1e-5")) == "1.0e-05"
 
 
+def test_the_default_comparison_is_every_trained_row_of_table_3():
+    """Issue 10: the main command covers the full Table 3 (its 14 trained rows, in its order)."""
+    table3 = ["adamw", "sam", "asam", "fsam", "trpo", "r3f", "mesa", "asam+trpo", "asam+r3f", "asam+mesa",
+              "tram-x", "tram-theta-prev", "tram-theta0", "tram-fisher"]
+    assert C.parse_methods(compare_script.DEFAULT_METHODS, compare_script.METHODS) == table3
+    assert compare_script.DEFAULT_SEEDS == 3
+
+
 def test_default_model_is_the_shipped_pretrained_folder():
     args = compare_script.build_parser().parse_args([])
     assert Path(args.model) == PRETRAINED_TINY and PRETRAINED_TINY.is_dir()
