@@ -39,7 +39,9 @@ def _context():
     import multiprocessing
 
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(list(PRELOAD))  # takes effect when the forkserver starts (once)
+    # takes effect when the forkserver starts, once per process: the first caller's list wins
+    # (a module missing from it is imported by the child itself)
+    ctx.set_forkserver_preload(list(PRELOAD))
     return ctx
 
 

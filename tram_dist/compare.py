@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 from .evaluate import json_safe
+from .run.processes import start_launcher
 
 BASELINE = "adamw"
 SIGMA = "sigma"  # the launcher's --sigma flag (tram-x, tram-fisher, r3f input noise), sweepable too
@@ -420,8 +421,6 @@ def run_all(specs: Sequence[RunSpec], *, launcher: str | os.PathLike, output_dir
     OMP_NUM_THREADS in the environment each run gets cores // jobs threads. `start`: how a run's
     process starts (tram_dist.run.processes: "auto" forks runs from a preloaded forkserver on a
     machine without CUDA, and starts fresh interpreters otherwise)."""
-    from .run.processes import start_launcher
-
     runs_dir, logs_dir = Path(output_dir) / "runs", Path(output_dir) / LOGS
     runs_dir.mkdir(parents=True, exist_ok=True)
     logs_dir.mkdir(parents=True, exist_ok=True)

@@ -115,7 +115,9 @@ def start_launcher(cmd: Sequence[str], log: IO, env: Mapping[str, str], start: s
     import multiprocessing
 
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(list(PRELOAD))  # takes effect when the forkserver starts (once)
+    # takes effect when the forkserver starts, once per process: the first caller's list wins
+    # (a module missing from it is imported by the child itself)
+    ctx.set_forkserver_preload(list(PRELOAD))
     log.flush()
     process = ctx.Process(target=_run_launcher, args=(list(cmd[1:]), log.name, dict(env)), daemon=False)
     with _main_not_rerun():
