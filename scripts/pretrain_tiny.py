@@ -4,7 +4,9 @@
     python scripts/pretrain_tiny.py --out /tmp/x    # or writes /tmp/x
     python scripts/pretrain_tiny.py --check         # regenerate into a temporary folder and compare
                                                     # every shipped file byte for byte (exit 1 if not)
-    python scripts/pretrain_tiny.py --steps 5 --out /tmp/y --no-eval   # a short run (tests)
+    python scripts/pretrain_tiny.py --stop-after 10 --out /tmp/y --no-eval
+        # the shipped run's first 10 steps only (tests): manifest.json's trajectory["10"] must
+        # equal the shipped manifest's
 
 The model is `launch/train_m2d2.py --model tiny` (tram_dist.data.pretrained.TINY: GPT-2 with 4
 layers, 4 heads, width 128, context 256, vocabulary = the shipped 2,291-token BPE), trained with
@@ -17,8 +19,10 @@ Determinism: one thread (torch, OpenMP, MKL), torch.use_deterministic_algorithms
 conditional numerical reproducibility pinned to its AVX2 code path and ATen's kernels to AVX2
 (so a machine with AVX-512 computes what an AVX2 machine computes), a fixed seed for the
 initialisation, the dropout masks and the data order. The same torch / transformers versions
-then reproduce every output file byte for byte; manifest.json records the versions, the recipe
-and the sha256 of every file (tests/data/test_pretrained_regen.py checks both).
+then reproduce every output file byte for byte; manifest.json records the versions, the recipe,
+the sha256 of every file and of the weights after TRAJECTORY_STEPS (tests/data/
+test_pretrained_regen.py reruns the shipped run's first steps and compares that digest: the full
+3.5-minute rerun is too long for the suite).
 """
 from __future__ import annotations
 
@@ -127,8 +131,22 @@ def versions() -> dict:
             "machine": platform.machine()}
 
 
-def pretrain(out: Path, steps: int, do_eval: bool = True, log=print) -> dict:
-    """Train with RECIPE (but `steps`), write the model, tokenizer and manifest.json to `out`."""
+TRAJECTORY_STEPS = (10,)  # the weights' digest after these steps goes into manifest.json
+
+
+def weights_digest(model) -> str:
+    """sha256 of every tensor of the state dict (name, dtype, shape, bytes), in name order."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def pretrain(out: Path, steps: int, do_eval: bool = True, log=print, stop_after: int | None = None) -> dict:
+    """Train with RECIPE (but `steps`), write the model, tokenizer and manifest.json to `out`.
+    `stop_after`: run only the first steps of that schedule (the manifest says so)."""
     from transformers import GPT2LMHeadModel
 
     recipe = {**RECIPE, "steps": steps}
@@ -155,8 +173,8 @@ def pretrain(out: Path, steps: int, do_eval: bool = True, log=print) -> dict:
         model.train()
         log(f"pretraining {n_params:,} parameters for {steps} steps of "
             f"{len(DOMAINS) * recipe['blocks_per_domain']} x {block} tokens (1 thread)")
-        losses = []
-        for step in range(steps):
+        losses, trajectory = [], {}
+        for step in range(steps if stop_after is None else min(steps, stop_after)):
             ids = batch(train, gen, block, recipe["blocks_per_domain"])
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
@@ -165,6 +183,8 @@ def pretrain(out: Path, steps: int, do_eval: bool = True, log=print) -> dict:
             sched.step()
             opt.zero_grad(set_to_none=True)
             losses.append(loss.item())
+            if step + 1 in TRAJECTORY_STEPS:
+                trajectory[str(step + 1)] = weights_digest(model)
             if (step + 1) % 20 == 0 or step + 1 == steps:
                 log(f"step {step + 1}/{steps}: loss {sum(losses[-20:]) / len(losses[-20:]):.4f} "
                     f"({time.perf_counter() - t0:.0f} s)")
@@ -174,12 +194,13 @@ def pretrain(out: Path, steps: int, do_eval: bool = True, log=print) -> dict:
         if do_eval:
             result = {"init_test": init, "valid": evaluate(model, tokenizer, tmp, "valid", block),
                       "test": evaluate(model, tokenizer, tmp, "test", block)}
-    write(model, out, recipe, n_params, losses, result)
+    write(model, out, recipe, n_params, losses, result, trajectory, stop_after)
     return {"train_s": train_s, "total_s": time.perf_counter() - t0, "eval": result,
             "final_loss": losses[-1] if losses else None}
 
 
-def write(model, out: Path, recipe: dict, n_params: int, losses: list, result) -> None:
+def write(model, out: Path, recipe: dict, n_params: int, losses: list, result, trajectory: dict,
+          stop_after: int | None = None) -> None:
     """Write the generated files next to any README.md in `out`, then manifest.json (their
     sha256); files of an earlier run that this one does not write are removed."""
     out.mkdir(parents=True, exist_ok=True)
@@ -206,7 +227,10 @@ def write(model, out: Path, recipe: dict, n_params: int, losses: list, result) -
             "final_train_loss": round(losses[-1], 6) if losses else None,
             "eval": result, "versions": versions(),
             "files": {name: sha256(tmp / name) for name in files},
+            "trajectory": trajectory,  # weights_digest after each of TRAJECTORY_STEPS
         }
+        if stop_after is not None:
+            manifest["stopped_after"] = stop_after
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         (tmp / MANIFEST).chmod(0o644)
         for name in files + [MANIFEST]:
@@ -241,14 +265,18 @@ def main(argv=None) -> int:
                    "the shipped tram_dist/data/pretrained/tiny-gpt2-m2d2)")
     p.add_argument("--steps", type=int, default=RECIPE["steps"], help="optimizer steps")
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
+    p.add_argument("--stop-after", type=int, help="stop after this many steps of the --steps "
+                   "schedule (the shipped run's first steps; tests)")
     p.add_argument("--check", action="store_true", help="regenerate the shipped folder in a "
                    "temporary folder and compare byte for byte (exit 1 on a difference)")
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error(f"--steps {args.steps} must be >= 1")
+    if args.stop_after is not None and not 1 <= args.stop_after <= args.steps:
+        p.error(f"--stop-after {args.stop_after} must be in 1..{args.steps}")
     if args.check:
         return check(PRETRAINED_TINY)
-    r = pretrain(args.out, args.steps, do_eval=not args.no_eval)
+    r = pretrain(args.out, args.steps, do_eval=not args.no_eval, stop_after=args.stop_after)
     print(f"wrote {args.out} ({r['train_s']:.0f} s training, {r['total_s']:.0f} s in all)")
     if r["eval"]:
         for split in ("init_test", "valid", "test"):
